@@ -1,0 +1,118 @@
+"""The ``nnunet_ssl`` command: set-up help, unlabeled preprocessing ahead of training, labeled fractions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from nnunet_ssl.ext_trainers_path import ext_trainer_configured, setup_hint, trainers_path
+
+
+def _dataset_paths(dataset: str, plans: str) -> tuple[str, Path, Path, dict, dict]:
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    for var in (nnUNet_raw, nnUNet_preprocessed):
+        var.require()
+    name = maybe_convert_to_dataset_name(dataset)
+    pp = Path(nnUNet_preprocessed.get()) / name
+    plans_file = pp / f"{plans}.json"
+    if not plans_file.is_file():
+        raise SystemExit(f"error: {plans_file} not found; run nnUNetv2_plan_and_preprocess -d {dataset} first.")
+    return (name, Path(nnUNet_raw.get()) / name, pp, json.loads(plans_file.read_text()),
+            json.loads((pp / "dataset.json").read_text()))
+
+
+def cmd_trainers_path(_: argparse.Namespace) -> None:
+    print(trainers_path())
+
+
+def cmd_preprocess_unlabeled(args: argparse.Namespace) -> None:
+    from nnunetv2.configuration import default_num_processes
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_ssl.data.labeled_fraction import declared_unlabeled_cases
+    from nnunet_ssl.data.unlabeled import gather_unlabeled_cases, preprocess_unlabeled, unlabeled_preprocessed_folder
+
+    _, raw, pp, plans, dataset_json = _dataset_paths(args.d, args.p)
+    pm = PlansManager(plans)
+    folds = [None] if args.f is None else args.f
+    declared = sorted({c for f in folds for c in declared_unlabeled_cases(pp, f)})
+    cases = gather_unlabeled_cases(raw, dataset_json, declared)
+    if args.check_only:
+        print(f"{len(cases)} unlabeled case(s) passed the checks ({len(declared)} declared from imagesTr).")
+        return
+    for configuration in args.c:
+        out = unlabeled_preprocessed_folder(pp, pm.get_configuration(configuration).data_identifier)
+        preprocess_unlabeled(cases, out, pm, configuration, dataset_json, args.np or default_num_processes)
+        print(f"{configuration}: {len(cases)} unlabeled case(s) up to date in {out}")
+
+
+def cmd_labeled_fraction(args: argparse.Namespace) -> None:
+    from nnunet_ssl.data.labeled_fraction import FILENAME, make_labeled_fraction
+    from nnunet_ssl.data.unlabeled import labeled_case_ids
+
+    _, raw, pp, _, dataset_json = _dataset_paths(args.d, args.p)
+    result = make_labeled_fraction(pp, labeled_case_ids(raw, dataset_json), args.fraction, args.num_labeled,
+                                   args.seed, args.folds)
+    for fold, cases in result.items():
+        print(f"fold {fold}: {len(cases)} training case(s) declared unlabeled")
+    print(f"written to {pp / FILENAME}")
+
+
+def cmd_hparams(args: argparse.Namespace) -> None:
+    from nnunet_ssl.trainers import TRAINERS
+    from nnunet_ssl.training.hparams import ENV_VAR, describe
+
+    if args.trainer not in TRAINERS:
+        raise SystemExit(f"error: unknown trainer '{args.trainer}'; choose one of {', '.join(sorted(TRAINERS))}")
+    print(f"Hyper-parameters of {args.trainer} (set them with {ENV_VAR}='{{\"name\": value}}' or a JSON file path):")
+    print(describe(TRAINERS[args.trainer].hparam_spec))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnunet_ssl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("trainers-path", help="print the folder to put in nnUNet_extTrainer")
+    p.set_defaults(func=cmd_trainers_path)
+
+    p = sub.add_parser("preprocess-unlabeled", help="check and preprocess imagesUnlabeled/ ahead of training "
+                                                    "(training does it too when needed)")
+    p.add_argument("-d", required=True, help="dataset name or id")
+    p.add_argument("-c", nargs="+", default=["3d_fullres"], help="configuration(s), default 3d_fullres")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier, default nnUNetPlans")
+    p.add_argument("-f", nargs="+", default=None, help="folds whose labeled-fraction cases to include "
+                                                          "(default: every fold in the file)")
+    p.add_argument("-np", type=int, default=None, help="processes (default: nnUNet_def_n_proc)")
+    p.add_argument("--check-only", action="store_true", help="only check the unlabeled images")
+    p.set_defaults(func=cmd_preprocess_unlabeled)
+
+    p = sub.add_parser("labeled-fraction", help="declare training cases unlabeled per fold (labeled-fraction "
+                                                "experiments); writes ssl_unlabeled_cases.json")
+    p.add_argument("-d", required=True, help="dataset name or id")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier, default nnUNetPlans")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--fraction", type=float, help="fraction of each fold's training cases that keep their label")
+    g.add_argument("--num-labeled", type=int, help="number of each fold's training cases that keep their label")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--folds", type=int, nargs="*", default=None, help="default: every fold of splits_final.json")
+    p.set_defaults(func=cmd_labeled_fraction)
+
+    p = sub.add_parser("hparams", help="list a trainer's hyper-parameters and defaults")
+    p.add_argument("trainer")
+    p.set_defaults(func=cmd_hparams)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command != "trainers-path" and not ext_trainer_configured():
+        print(f"warning: {setup_hint()}", file=sys.stderr)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

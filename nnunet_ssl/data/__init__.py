@@ -1,0 +1,1 @@
+"""Finding, checking and preprocessing unlabeled images; labeled-fraction experiments."""

@@ -1,0 +1,248 @@
+"""Unlabeled images: find and check ``imagesUnlabeled/``, preprocess them with nnU-Net's own preprocessor.
+
+Layout (the user-facing contract, see the README):
+
+- raw: ``nnUNet_raw/DatasetXXX_Name/imagesUnlabeled/{case}_{channel:04d}{file_ending}``, named like ``imagesTr``;
+- preprocessed: ``nnUNet_preprocessed/DatasetXXX_Name/{data_identifier}_unlabeled/``, a *sibling* of the
+  configuration's folder, never inside it (nnU-Net treats every file there as a labeled case and
+  ``nnUNetv2_preprocess`` deletes that folder).
+
+Each case is written by ``run_case_save`` of the configuration's preprocessor class (byte-identical image
+arrays to nnU-Net's own preprocessing) into a temporary folder and renamed into place, so an interrupted
+run never leaves a half-written case. ``manifest.json`` records the plans fingerprint and each source
+file's size and modification time; a case is redone when it is new, changed or its output is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+from tqdm import tqdm
+
+UNLABELED_FOLDER = "imagesUnlabeled"
+MANIFEST = "manifest.json"
+OUTPUT_SUFFIXES = (".b2nd", "_seg.b2nd", ".pkl")
+
+
+class UnlabeledDataError(ValueError):
+    """Bad unlabeled input; the message names the file or case and says how to fix it."""
+
+
+def unlabeled_preprocessed_folder(preprocessed_dataset_folder_base: str | Path, data_identifier: str) -> Path:
+    return Path(preprocessed_dataset_folder_base) / f"{data_identifier}_unlabeled"
+
+
+def num_channels(dataset_json: dict) -> int:
+    return len(dataset_json["channel_names"] if "channel_names" in dataset_json else dataset_json["modality"])
+
+
+def labeled_case_ids(raw_dataset_folder: str | Path, dataset_json: dict) -> list[str]:
+    """The training cases of ``imagesTr`` (or of dataset.json's ``dataset`` key), exactly as nnU-Net lists them."""
+    return sorted(get_filenames_of_train_images_and_targets(str(raw_dataset_folder), dict(dataset_json)).keys())
+
+
+def find_unlabeled_images(raw_dataset_folder: str | Path, dataset_json: dict) -> dict[str, list[str]]:
+    """Map case id -> channel files of ``imagesUnlabeled/`` after checking names, endings, channels and overlap
+    with the labeled cases. All problems are collected and raised together, each naming its file."""
+    folder = Path(raw_dataset_folder) / UNLABELED_FOLDER
+    if not folder.is_dir():
+        return {}
+    ending = dataset_json["file_ending"]
+    n_ch = num_channels(dataset_json)
+    pattern = re.compile(r"(?P<case>.+)_(?P<ch>\d{4})" + re.escape(ending))
+    example = f"case_001_0000{ending}"
+    problems: list[str] = []
+    cases: dict[str, dict[int, str]] = defaultdict(dict)
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_dir():
+            problems.append(f"{path}: is a folder; {UNLABELED_FOLDER}/ holds image files only. Move it out.")
+            continue
+        if not path.name.endswith(ending):
+            problems.append(
+                f"{path}: wrong file ending; this dataset's images end in '{ending}' (dataset.json 'file_ending'). "
+                f"Convert the image to {ending} or remove it."
+            )
+            continue
+        m = pattern.fullmatch(path.name)
+        if m is None:
+            problems.append(
+                f"{path}: name must be {{case}}_{{channel:04d}}{ending} like imagesTr (e.g. {example}). Rename it."
+            )
+            continue
+        ch = int(m["ch"])
+        if ch >= n_ch:
+            problems.append(
+                f"{path}: channel {ch:04d}, but the dataset has {n_ch} channel(s) (_0000 to _{n_ch - 1:04d}, "
+                f"dataset.json 'channel_names'). Remove it or fix the channel index."
+            )
+            continue
+        cases[m["case"]][ch] = str(path)
+    for case, chans in sorted(cases.items()):
+        missing = [f"{case}_{c:04d}{ending}" for c in range(n_ch) if c not in chans]
+        if missing:
+            problems.append(
+                f"{folder / missing[0]}: missing; case '{case}' needs all {n_ch} channel(s), lacking "
+                f"{', '.join(missing)}. Add the missing channel file(s) or remove the case."
+            )
+    overlap = sorted(set(cases) & set(labeled_case_ids(raw_dataset_folder, dataset_json)))
+    for case in overlap:
+        problems.append(
+            f"{folder / (case + '_0000' + ending)}: case '{case}' is also a labeled case in imagesTr. A case is "
+            f"either labeled or unlabeled: rename or remove it here (to treat labeled cases as unlabeled, use the "
+            f"labeled-fraction file instead)."
+        )
+    if problems:
+        raise UnlabeledDataError(f"{len(problems)} problem(s) with the unlabeled images:\n  " + "\n  ".join(problems))
+    return {case: [chans[c] for c in range(n_ch)] for case, chans in sorted(cases.items()) if len(chans) == n_ch}
+
+
+def gather_unlabeled_cases(raw_dataset_folder: str | Path, dataset_json: dict,
+                           declared: Iterable[str] = ()) -> dict[str, list[str]]:
+    """Checked ``imagesUnlabeled/`` cases plus the ``declared`` labeled-fraction cases, whose *images only* are
+    taken from the training set (the dataset's label entries are never opened)."""
+    cases = find_unlabeled_images(raw_dataset_folder, dataset_json)
+    declared = list(declared)
+    if declared:
+        training = get_filenames_of_train_images_and_targets(str(raw_dataset_folder), dict(dataset_json))
+        unknown = [c for c in declared if c not in training]
+        if unknown:
+            raise UnlabeledDataError(f"declared unlabeled case(s) {', '.join(unknown)} are not training cases of "
+                                     f"{raw_dataset_folder}; fix the labeled-fraction file.")
+        cases.update({c: training[c]["images"] for c in declared})
+    return cases
+
+
+def _source_stamp(files: Iterable[str]) -> list[list]:
+    stamp = []
+    for f in files:
+        st = os.stat(f)
+        stamp.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+    return stamp
+
+
+def _plans_fingerprint(plans_manager: PlansManager, configuration_name: str, dataset_json: dict) -> str:
+    relevant = {
+        "plans": plans_manager.plans,
+        "configuration": configuration_name,
+        "channel_names": dataset_json.get("channel_names", dataset_json.get("modality")),
+        "file_ending": dataset_json["file_ending"],
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_json_atomic(obj, path: str | Path) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _preprocess_case(
+    case: str, image_files: list[str], output_folder: str, plans_manager: PlansManager, configuration_name: str,
+    dataset_json: dict,
+) -> str:
+    """Preprocess one case with the configuration's preprocessor (no segmentation) and move it into place."""
+    cm = plans_manager.get_configuration(configuration_name)
+    tmp = tempfile.mkdtemp(dir=output_folder, prefix=".tmp_")
+    try:
+        try:
+            cm.preprocessor_class(verbose=False).run_case_save(
+                os.path.join(tmp, case), image_files, None, plans_manager, cm, dataset_json
+            )
+        except Exception as e:  # noqa: BLE001 -- any reader error becomes one that names the file
+            raise UnlabeledDataError(
+                f"{image_files[0]}: could not read or preprocess unlabeled case '{case}' ({len(image_files)} file(s): "
+                f"{', '.join(image_files)}): {type(e).__name__}: {e}. Check that the file opens in a viewer and has "
+                f"the same geometry in every channel; re-export it or remove the case."
+            ) from None
+        for suffix in OUTPUT_SUFFIXES:
+            os.replace(os.path.join(tmp, case + suffix), os.path.join(output_folder, case + suffix))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return case
+
+
+def _case_is_current(case: str, stamp: list, manifest: dict, output_folder: Path) -> bool:
+    return manifest["cases"].get(case) == stamp and all((output_folder / (case + s)).is_file() for s in OUTPUT_SUFFIXES)
+
+
+def preprocess_unlabeled(
+    cases: dict[str, list[str]],
+    output_folder: str | Path,
+    plans_manager: PlansManager,
+    configuration_name: str,
+    dataset_json: dict,
+    num_processes: int,
+    progress: bool = True,
+) -> list[str]:
+    """Preprocess the cases that are missing or stale in ``output_folder``; return the sorted case ids.
+
+    Cases already present and current are left untouched; the manifest is rewritten (atomically) after every
+    finished case, so an interrupted run resumes where it stopped.
+    """
+    output_folder = Path(output_folder)
+    output_folder.mkdir(parents=True, exist_ok=True)
+    fingerprint = _plans_fingerprint(plans_manager, configuration_name, dataset_json)
+    manifest_file = output_folder / MANIFEST
+    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
+    if manifest.get("plans_fingerprint") != fingerprint:
+        manifest = {"plans_fingerprint": fingerprint, "configuration": configuration_name, "cases": {}}
+    stamps = {case: _source_stamp(files) for case, files in cases.items()}
+    todo = sorted(c for c in cases if not _case_is_current(c, stamps[c], manifest, output_folder))
+
+    def done(case: str) -> None:
+        manifest["cases"][case] = stamps[case]
+        write_json_atomic(manifest, manifest_file)
+        bar.update()
+
+    args = [(c, cases[c], str(output_folder), plans_manager, configuration_name, dataset_json) for c in todo]
+    with tqdm(total=len(todo), desc="Preprocessing unlabeled cases", disable=not progress or not todo) as bar:
+        if num_processes <= 1 or len(todo) <= 1:
+            for a in args:
+                done(_preprocess_case(*a))
+        else:
+            _run_pool(args, min(num_processes, len(todo)), done)
+    return sorted(cases)
+
+
+def _run_pool(args: list[tuple], num_processes: int, done) -> None:
+    """Run ``_preprocess_case`` in a spawn pool like nnU-Net's preprocessing: a dead worker (e.g. killed for
+    memory) raises instead of hanging, and the first worker error is re-raised as is."""
+    with multiprocessing.get_context("spawn").Pool(num_processes) as pool:
+        workers = list(pool._pool)
+        pending = [pool.apply_async(_preprocess_case, a) for a in args]
+        while pending:
+            if not all(w.is_alive() for w in workers):
+                raise RuntimeError(
+                    "A preprocessing worker died (most likely out of memory). Lower nnUNet_def_n_proc and run again; "
+                    "finished cases are kept."
+                )
+            still = []
+            for r in pending:
+                if r.ready():
+                    done(r.get())
+                else:
+                    still.append(r)
+            pending = still
+            time.sleep(0.05)

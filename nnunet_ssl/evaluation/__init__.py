@@ -1,0 +1,1 @@
+"""Evaluation helpers beyond nnU-Net's own."""

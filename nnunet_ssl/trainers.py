@@ -1,0 +1,8 @@
+"""Registry of the plugin's trainers by name (used by the command line)."""
+
+from __future__ import annotations
+
+from nnunet_ssl.methods.must.trainer import MuSTTrainer
+from nnunet_ssl.training.supervised import SupervisedTrainer
+
+TRAINERS = {cls.__name__: cls for cls in (MuSTTrainer, SupervisedTrainer)}

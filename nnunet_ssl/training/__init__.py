@@ -1,0 +1,1 @@
+"""The shared semi-supervised base trainer and its parts (ramp-ups, hyper-parameters, logging)."""

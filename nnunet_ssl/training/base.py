@@ -1,0 +1,192 @@
+"""``SemiSupervisedTrainer``: the loop every semi-supervised method shares.
+
+Per iteration: the labeled batch from nnU-Net's loader, an unlabeled batch from a second loader (same
+augmentation pipeline and patch size, its own batch size), the method's losses from ``compute_losses``, then
+one backward and one optimizer step (with nnU-Net's gradient clipping and, on CUDA, mixed precision), then
+``after_optimizer_step`` (e.g. an EMA teacher update). A method subclass says which network
+(``build_network_architecture``) and which losses; it leaves the loop alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from nnunetv2.configuration import default_num_processes
+from nnunetv2.paths import nnUNet_raw
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
+from torch import distributed as dist
+
+from nnunet_ssl.data.loader import UnlabeledDataLoader, UnlabeledDataset
+from nnunet_ssl.data.unlabeled import (
+    UNLABELED_FOLDER,
+    UnlabeledDataError,
+    gather_unlabeled_cases,
+    preprocess_unlabeled,
+    unlabeled_preprocessed_folder,
+)
+from nnunet_ssl.training.hparams import HParam
+from nnunet_ssl.training.ramps import RAMPS, rampup
+from nnunet_ssl.training.supervised import CUDA, SCHEDULE_HPARAMS, SupervisedTrainer
+
+SSL_HPARAMS: dict[str, HParam] = {
+    **SCHEDULE_HPARAMS,
+    "unlabeled_batch_size": HParam(None, int, "Unlabeled patches per iteration (per GPU); null: the labeled batch "
+                                              "size.", low=1, optional=True),
+    "consistency_weight": HParam(1.0, float, "Maximum weight of the unsupervised loss, reached after the ramp-up.",
+                                 low=0.0),
+    "rampup": HParam("sigmoid", str, "Shape of the ramp-up of the unsupervised weight.", choices=RAMPS),
+    "rampup_fraction": HParam(0.25, float, "Fraction of all training iterations over which the weight ramps up "
+                                           "from 0.", low=0.0, high=1.0),
+}
+
+
+class SemiSupervisedTrainer(SupervisedTrainer):
+    hparam_spec: ClassVar[dict[str, HParam]] = SSL_HPARAMS
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = CUDA):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_cascaded:
+            raise ValueError(f"{type(self).__name__} does not support the cascade ('{configuration}' needs predictions "
+                             f"of a previous stage, which unlabeled images do not have). Use 2d, 3d_fullres or "
+                             f"3d_lowres.")
+        self.unlabeled_identifiers: list[str] = []
+        self.dataloader_unlabeled = None
+        self._step_in_epoch = 0
+
+    # ---------------------------------------------------------------- schedule
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken so far (restored on resume: checkpoints are written at epoch ends)."""
+        return self.current_epoch * self.num_iterations_per_epoch + self._step_in_epoch
+
+    def unsupervised_weight(self) -> float:
+        total = self.num_epochs * self.num_iterations_per_epoch
+        length = round(self.hparams["rampup_fraction"] * total)
+        return self.hparams["consistency_weight"] * rampup(self.hparams["rampup"], self.global_step, length)
+
+    # ---------------------------------------------------------------- unlabeled data
+    def unlabeled_folder(self):
+        return unlabeled_preprocessed_folder(self.preprocessed_dataset_folder_base,
+                                             self.configuration_manager.data_identifier)
+
+    def prepare_unlabeled_data(self) -> list[str]:
+        """Check the unlabeled images (and the labeled-fraction file) and preprocess what is missing or stale.
+        Runs before any data loader or training step, so bad input fails first."""
+        if not nnUNet_raw.is_set():
+            raise UnlabeledDataError(f"{type(self).__name__} reads unlabeled images from the raw dataset folder, but "
+                                     f"nnUNet_raw is not set. Export nnUNet_raw as for nnUNetv2_plan_and_preprocess.")
+        raw = f"{nnUNet_raw.get()}/{self.plans_manager.dataset_name}"
+        tr_keys, _ = self.do_split()
+        cases = gather_unlabeled_cases(raw, self.dataset_json, self.declared_unlabeled)
+        if not cases:
+            raise UnlabeledDataError(
+                f"{type(self).__name__} needs unlabeled images but found none: put them in {raw}/{UNLABELED_FOLDER}/ "
+                f"named like imagesTr ({{case}}_{{channel:04d}}{self.dataset_json['file_ending']}), or declare labeled "
+                f"training cases as unlabeled (see `nnunet_ssl labeled-fraction -h`).")
+        if self.local_rank == 0:
+            preprocess_unlabeled(cases, self.unlabeled_folder(), self.plans_manager, self.configuration_name,
+                                 self.dataset_json, default_num_processes)
+        if self.is_ddp:
+            dist.barrier()
+        self.print_to_log_file(f"{len(cases)} unlabeled case(s) ({len(self.declared_unlabeled)} declared from "
+                               f"imagesTr), {len(tr_keys)} labeled training case(s).")
+        return sorted(cases)
+
+    def get_unlabeled_dataloader(self):
+        """Unlabeled patches through the labeled loader's augmentation pipeline and patch size. No deep-supervision
+        targets: an unlabeled batch has none."""
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        lm = self.label_manager
+        transforms = self.get_training_transforms(
+            self.configuration_manager.patch_size, rotation, None, mirror_axes, dummy_2d,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
+            foreground_labels=lm.foreground_labels, regions=lm.foreground_regions if lm.has_regions else None,
+            ignore_label=lm.ignore_label)
+        batch_size = self.hparams["unlabeled_batch_size"] or self.batch_size
+        dl = UnlabeledDataLoader(UnlabeledDataset(str(self.unlabeled_folder()), self.unlabeled_identifiers),
+                                 batch_size, initial_patch_size, self.configuration_manager.patch_size, lm,
+                                 sampling_probabilities=None, pad_sides=None, transforms=transforms)
+        n_proc = get_allowed_n_proc_DA()
+        if n_proc == 0:
+            return SingleThreadedAugmenter(dl, None)
+        return NonDetMultiThreadedAugmenter(dl, None, n_proc, max(6, n_proc // 2), None,
+                                            pin_memory=self.device.type == "cuda", wait_time=0.002)
+
+    def on_train_start(self):
+        self.unlabeled_identifiers = self.prepare_unlabeled_data()
+        super().on_train_start()
+        self.dataloader_unlabeled = self.get_unlabeled_dataloader()
+
+    def shutdown_unlabeled_dataloader(self) -> None:
+        if isinstance(self.dataloader_unlabeled, NonDetMultiThreadedAugmenter):
+            self.dataloader_unlabeled._finish()
+        self.dataloader_unlabeled = None
+
+    def on_train_end(self):
+        super().on_train_end()
+        self.shutdown_unlabeled_dataloader()
+
+    def run_training(self):
+        try:
+            super().run_training()
+        finally:  # also on errors and Ctrl+C: no orphaned augmentation workers
+            self.shutdown_unlabeled_dataloader()
+
+    # ---------------------------------------------------------------- the iteration
+    def compute_losses(self, data: torch.Tensor, target, data_unlabeled: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Return ``{'loss': total, <name>: part, ...}``; the parts named in ``extra_log_keys`` are logged."""
+        raise NotImplementedError(f"{type(self).__name__} must implement compute_losses")
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimizer step (EMA teachers update here)."""
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self._step_in_epoch = 0
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        data_u = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True)
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            losses = self.compute_losses(data, target, data_u)
+        total = losses["loss"]
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(total).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        self.after_optimizer_step()
+        self._step_in_epoch += 1
+        return {k: v.detach().float().cpu().numpy() for k, v in losses.items()}
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end(train_outputs)
+        outputs = collate_outputs(train_outputs)
+        for key in self.extra_log_keys:
+            value: Any = np.mean(outputs[key])
+            if self.is_ddp:
+                gathered = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, value)
+                value = float(np.mean(gathered))
+            self.logger.log(key, float(value), self.current_epoch)
+        self.print_to_log_file(", ".join(f"{k} {np.round(self.logger.get_value(k, step=-1), 5)}"
+                                         for k in self.extra_log_keys))

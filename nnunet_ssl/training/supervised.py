@@ -1,0 +1,141 @@
+"""``SupervisedTrainer``: nnU-Net's trainer plus what every nnunet-ssl trainer shares.
+
+Training is exactly ``nnUNetTrainer``'s (same network, loss, augmentation, optimizer). Added:
+
+- hyper-parameters from ``nnUNet_ssl_hparams`` (the schedule here; methods add their own), validated in
+  ``__init__`` before anything runs, written to ``ssl_hparams.json`` in the fold folder and to checkpoints;
+- the labeled-fraction file: cases declared unlabeled for the fold are removed from the labeled set, so this
+  trainer is the supervised baseline on *the same labeled cases* as the semi-supervised ones;
+- checkpoints written atomically (temporary file, then rename) with an extra ``nnunet_ssl`` entry for
+  method state, restored by ``nnUNetv2_train ... --c``;
+- extra per-epoch log keys drawn in a panel of their own in ``progress.png``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, ClassVar
+
+import torch
+from batchgenerators.utilities.file_and_folder_operations import join
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch._dynamo import OptimizedModule
+
+from nnunet_ssl.data.labeled_fraction import FILENAME as LABELED_FRACTION_FILE
+from nnunet_ssl.data.labeled_fraction import check_declared_cases, declared_unlabeled_cases
+from nnunet_ssl.data.unlabeled import write_json_atomic
+from nnunet_ssl.training.hparams import ENV_VAR, HParam, HParamError, read_overrides, resolve_hparams
+from nnunet_ssl.training.logging import SSLLocalLogger
+
+CUDA = torch.device("cuda")  # nnU-Net's default device, a module constant for the signature
+
+SCHEDULE_HPARAMS: dict[str, HParam] = {
+    "num_epochs": HParam(1000, int, "Training epochs (nnU-Net's default 1000).", low=1),
+    "num_iterations_per_epoch": HParam(250, int, "Training iterations per epoch (nnU-Net's default 250).", low=1),
+    "num_val_iterations_per_epoch": HParam(50, int, "Validation iterations per epoch (nnU-Net's default 50).",
+                                           low=1),
+}
+
+
+class SupervisedTrainer(nnUNetTrainer):
+    hparam_spec: ClassVar[dict[str, HParam]] = SCHEDULE_HPARAMS
+    extra_log_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = CUDA):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.hparams_from_env = bool(read_overrides())
+        self.hparams: dict[str, Any] = resolve_hparams(self.hparam_spec, type(self).__name__)
+        self._apply_hparams()
+        self.logger.local_logger = SSLLocalLogger(self.extra_log_keys)
+        self.declared_unlabeled: list[str] = []
+        self._split: tuple[list[str], list[str]] | None = None
+
+    def _apply_hparams(self) -> None:
+        self.num_epochs = self.hparams["num_epochs"]
+        self.num_iterations_per_epoch = self.hparams["num_iterations_per_epoch"]
+        self.num_val_iterations_per_epoch = self.hparams["num_val_iterations_per_epoch"]
+
+    # ---------------------------------------------------------------- labeled-fraction experiments
+    def do_split(self):
+        if self._split is None:
+            tr_keys, val_keys = super().do_split()
+            declared = declared_unlabeled_cases(self.preprocessed_dataset_folder_base, self.fold)
+            if declared:
+                check_declared_cases(declared, tr_keys, val_keys, self.fold,
+                                     join(self.preprocessed_dataset_folder_base, LABELED_FRACTION_FILE))
+                tr_keys = [k for k in tr_keys if k not in declared]
+                self.print_to_log_file(f"{len(declared)} training case(s) declared unlabeled in "
+                                       f"{LABELED_FRACTION_FILE}; {len(tr_keys)} labeled training case(s) remain.")
+            self.declared_unlabeled = declared
+            self._split = (list(tr_keys), list(val_keys))
+        return self._split
+
+    # ---------------------------------------------------------------- state and checkpoints
+    def on_train_start(self):
+        super().on_train_start()
+        if self.local_rank == 0:
+            write_json_atomic({"trainer": type(self).__name__, "hparams": self.hparams},
+                              join(self.output_folder, "ssl_hparams.json"))
+            self.print_to_log_file(f"nnunet_ssl hyper-parameters in force: {self.hparams}")
+
+    def unwrapped_network(self) -> torch.nn.Module:
+        mod = self.network.module if self.is_ddp else self.network
+        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+    def extra_checkpoint_state(self) -> dict[str, Any]:
+        """Method state saved with the checkpoint (override and call super)."""
+        return {"hparams": dict(self.hparams)}
+
+    def load_extra_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``extra_checkpoint_state`` saved (override and call super)."""
+
+    def save_checkpoint(self, filename: str) -> None:
+        # nnU-Net's checkpoint dict (same keys, so nnU-Net's predictor and --c read it) plus our entry, written to a
+        # temporary file and renamed: an interruption never leaves a truncated checkpoint behind.
+        if self.local_rank != 0:
+            return
+        if self.disable_checkpointing:
+            self.print_to_log_file("No checkpoint written, checkpointing is disabled")
+            return
+        checkpoint = {
+            "network_weights": self.unwrapped_network().state_dict(),
+            "optimizer_state": self.optimizer.state_dict(),
+            "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
+            "logging": self.logger.get_checkpoint(),
+            "_best_ema": self._best_ema,
+            "current_epoch": self.current_epoch + 1,
+            "init_args": self.my_init_kwargs,
+            "trainer_name": self.__class__.__name__,
+            "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
+            "nnunet_ssl": self.extra_checkpoint_state(),
+        }
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(filename), prefix=".ckpt.", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, filename)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def load_checkpoint(self, filename_or_checkpoint: str) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        state = torch.load(filename_or_checkpoint, map_location="cpu", weights_only=False).get("nnunet_ssl")
+        if state is None:
+            self.print_to_log_file(f"{filename_or_checkpoint} has no nnunet_ssl state (not written by an nnunet_ssl "
+                                   f"trainer); method state starts fresh.")
+            return
+        saved = state["hparams"]
+        if saved != self.hparams:
+            if self.hparams_from_env:
+                diff = {k: (saved.get(k), self.hparams.get(k)) for k in set(saved) | set(self.hparams)
+                        if saved.get(k) != self.hparams.get(k)}
+                raise HParamError(
+                    f"{filename_or_checkpoint} was trained with other hyper-parameters than {ENV_VAR} sets now "
+                    f"(name: (checkpoint, now)): {diff}. To resume exactly, set {ENV_VAR} to the checkpoint's values "
+                    f"or unset it (the checkpoint's values are then used); to change them, start a new training.")
+            self.hparams = resolve_hparams(self.hparam_spec, type(self).__name__, saved)
+            self._apply_hparams()
+        self.load_extra_checkpoint_state(state)
