@@ -10,10 +10,10 @@ from nnunet_ssl.methods.must.network import MuSTNetwork
 
 def make_unet(kind: str, dim: int, num_classes: int = 3):
     conv, norm = (nn.Conv3d, nn.InstanceNorm3d) if dim == 3 else (nn.Conv2d, nn.InstanceNorm2d)
-    common = dict(input_channels=2, n_stages=4, features_per_stage=[4, 8, 16, 16], conv_op=conv, kernel_sizes=3,
-                  strides=[1, 2, 2, 2], num_classes=num_classes, n_conv_per_stage_decoder=1, conv_bias=True,
-                  norm_op=norm, norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
-                  nonlin_kwargs={"inplace": True}, deep_supervision=True)
+    common = {"input_channels": 2, "n_stages": 4, "features_per_stage": [4, 8, 16, 16], "conv_op": conv, "kernel_sizes": 3,
+                  "strides": [1, 2, 2, 2], "num_classes": num_classes, "n_conv_per_stage_decoder": 1, "conv_bias": True,
+                  "norm_op": norm, "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "nonlin": nn.LeakyReLU,
+                  "nonlin_kwargs": {"inplace": True}, "deep_supervision": True}
     if kind == "plain":
         return PlainConvUNet(n_conv_per_stage=2, **common)
     return ResidualEncoderUNet(n_blocks_per_stage=[1, 2, 2, 2], **common)

@@ -35,6 +35,7 @@ SCHEDULE_HPARAMS: dict[str, HParam] = {
     "num_iterations_per_epoch": HParam(250, int, "Training iterations per epoch (nnU-Net's default 250).", low=1),
     "num_val_iterations_per_epoch": HParam(50, int, "Validation iterations per epoch (nnU-Net's default 50).",
                                            low=1),
+    "save_every": HParam(50, int, "Write checkpoint_latest.pth every this many epochs (nnU-Net's default 50).", low=1),
 }
 
 
@@ -56,6 +57,7 @@ class SupervisedTrainer(nnUNetTrainer):
         self.num_epochs = self.hparams["num_epochs"]
         self.num_iterations_per_epoch = self.hparams["num_iterations_per_epoch"]
         self.num_val_iterations_per_epoch = self.hparams["num_val_iterations_per_epoch"]
+        self.save_every = self.hparams["save_every"]
 
     # ---------------------------------------------------------------- labeled-fraction experiments
     def do_split(self):

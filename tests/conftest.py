@@ -1,0 +1,115 @@
+"""Shared fixtures: tiny demo datasets planned and preprocessed once per session through nnU-Net's own CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "examples"))
+
+from make_demo_dataset import make_demo_dataset
+
+from nnunet_ssl.ext_trainers_path import trainers_path
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Env:
+    """An nnU-Net environment (raw, preprocessed, results) with one dataset."""
+
+    root: Path
+    dataset_id: int
+    name: str
+
+    @property
+    def vars(self) -> dict[str, str]:
+        return {
+            "nnUNet_raw": str(self.root / "raw"),
+            "nnUNet_preprocessed": str(self.root / "pp"),
+            "nnUNet_results": str(self.root / "results"),
+            "nnUNet_extTrainer": str(trainers_path()),
+            "nnUNet_def_n_proc": "2",
+            "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "2"),
+            "nnUNet_compile": "false",
+        }
+
+    @property
+    def raw(self) -> Path:
+        return self.root / "raw" / self.name
+
+    @property
+    def pp(self) -> Path:
+        return self.root / "pp" / self.name
+
+    def results(self, trainer: str, configuration: str = "3d_fullres", fold: str = "0") -> Path:
+        return self.root / "results" / self.name / f"{trainer}__nnUNetPlans__{configuration}" / f"fold_{fold}"
+
+    def run(self, *cmd: str, hparams: dict | None = None, check: bool = True, **kw) -> subprocess.CompletedProcess:
+        """Run one of nnU-Net's (or the plugin's) commands in this environment."""
+        env = {**os.environ, **self.vars}
+        env.pop("nnUNet_ssl_hparams", None)
+        if hparams is not None:
+            env["nnUNet_ssl_hparams"] = json.dumps(hparams)
+        exe = str(BIN / cmd[0]) if (BIN / cmd[0]).exists() else cmd[0]
+        proc = subprocess.run([exe, *cmd[1:]], check=False, env=env, capture_output=True, text=True, **kw)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                                 f"{proc.stderr[-4000:]}")
+        return proc
+
+    def copy(self, root: Path) -> Env:
+        """A copy of raw and preprocessed data in another root (for tests that modify files)."""
+        for sub in ("raw", "pp"):
+            shutil.copytree(self.root / sub / self.name, root / sub / self.name)
+        return Env(root, self.dataset_id, self.name)
+
+
+def _planned(tmp_path_factory, dataset_id: int, configurations: tuple[str, ...], **kw) -> Env:
+    root = tmp_path_factory.mktemp(f"nnunet_{dataset_id}")
+    folder = make_demo_dataset(root / "raw", dataset_id=dataset_id, shape=(24, 24, 24), **kw)
+    env = Env(root, dataset_id, folder.name)
+    env.run("nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configurations, "-np", "2")
+    return env
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> Env:
+    """5 labeled (fold 0: 4 train, 1 val), 4 unlabeled, 2 test cases of 24^3; 2d and 3d_fullres planned."""
+    return _planned(tmp_path_factory, 981, ("2d", "3d_fullres"), n_labeled=5, n_unlabeled=4, n_test=2)
+
+
+@pytest.fixture(scope="session")
+def demo_regions_ignore(tmp_path_factory) -> Env:
+    """Region-based labels (organ = {1, 2}, lesion = {2}) with an ignore label (3) painted over a slab of every
+    training label map, so that both nnU-Net features are exercised at once."""
+    root = tmp_path_factory.mktemp("nnunet_982")
+    folder = make_demo_dataset(root / "raw", dataset_id=982, shape=(24, 24, 24), n_labeled=5, n_unlabeled=3,
+                               n_test=1, regions=True)
+    dj_file = folder / "dataset.json"
+    dj = json.loads(dj_file.read_text())
+    dj["labels"]["ignore"] = 3
+    dj_file.write_text(json.dumps(dj, indent=2))
+    for f in sorted((folder / "labelsTr").iterdir()):
+        img = sitk.ReadImage(str(f))
+        arr = sitk.GetArrayFromImage(img)
+        arr[:, :, :6] = 3  # unannotated slab
+        out = sitk.GetImageFromArray(arr.astype(np.uint8))
+        out.CopyInformation(img)
+        sitk.WriteImage(out, str(f))
+    env = Env(root, 982, folder.name)
+    env.run("nnUNetv2_plan_and_preprocess", "-d", "982", "-c", "3d_fullres", "-np", "2")
+    return env
+
+
+SHORT = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1}
