@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+from unittest import mock
 
 import matplotlib
 
 matplotlib.use("agg")
-import matplotlib.image as mpimg
-import matplotlib.pyplot as plt
-from nnunetv2.training.logging.nnunet_logger import LocalLogger
+import matplotlib.pyplot as plt  # noqa: E402
+from nnunetv2.training.logging.nnunet_logger import LocalLogger  # noqa: E402
 
 
 class SSLLocalLogger(LocalLogger):
-    """Logs ``extra_keys`` (one value per epoch, like nnU-Net's keys) and draws them below nnU-Net's own
-    panels: nnU-Net's figure is rendered by nnU-Net's code and the semi-supervised panel is appended, so the
-    standard panels stay exactly as users know them. Keys ending in ``_weight`` share a right-hand axis."""
+    """Logs ``extra_keys`` (one value per epoch, like nnU-Net's keys) and draws them in a panel below nnU-Net's
+    own panels. nnU-Net's plotting code draws its panels unchanged: while it runs, ``plt.subplots`` hands it a
+    figure one panel taller and keeps the last axis for ours (about a third more drawing, no re-rendering).
+    Keys ending in ``_weight`` share a right-hand axis."""
 
     def __init__(self, extra_keys: tuple[str, ...], verbose: bool = False):
         super().__init__(verbose)
@@ -29,36 +28,30 @@ class SSLLocalLogger(LocalLogger):
         for k in self.extra_keys:  # checkpoints of a trainer without one of these keys
             self.my_fantastic_logging.setdefault(k, [])
 
-    def plot_progress_png(self, output_folder):
-        epoch = min(len(v) for v in self.my_fantastic_logging.values()) - 1
-        if epoch < 0:
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            super().plot_progress_png(tmp)
-            standard = mpimg.imread(os.path.join(tmp, "progress.png"))
-        h, w = standard.shape[:2]
-        dpi = 100
-        panel_h = h / 3  # same height as one of nnU-Net's panels
-        fig = plt.figure(figsize=(w / dpi, (h + panel_h) / dpi), dpi=dpi)
-        top = fig.add_axes((0, panel_h / (h + panel_h), 1, h / (h + panel_h)))
-        top.imshow(standard)
-        top.axis("off")
-        ax = fig.add_axes((0.08, 0.02, 0.84, 0.9 * panel_h / (h + panel_h)))
+    def _draw_panel(self, ax, epoch: int) -> None:
         ax2 = ax.twinx()
         x = list(range(epoch + 1))
         for k in self.extra_keys:
             target = ax2 if k.endswith("_weight") else ax
             target.plot(x, self.my_fantastic_logging[k][: epoch + 1], ls="--" if target is ax2 else "-",
                         label=k, linewidth=4)
-        ax.set_xlabel("epoch", fontsize=30)
-        ax.set_ylabel("semi-supervised losses", fontsize=30)
-        ax2.set_ylabel("ramp weight", fontsize=30)
-        ax.tick_params(labelsize=25)
-        ax2.tick_params(labelsize=25)
-        ax.legend(loc="upper left", fontsize=25)
-        ax2.legend(loc="upper right", fontsize=25)
-        fd, tmp_png = tempfile.mkstemp(dir=output_folder, prefix=".progress.", suffix=".png")
-        os.close(fd)
-        fig.savefig(tmp_png, dpi=dpi)
-        plt.close(fig)
-        os.replace(tmp_png, os.path.join(output_folder, "progress.png"))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("semi-supervised losses")
+        ax2.set_ylabel("ramp weight")
+        ax.legend(loc=(0, 1))
+        ax2.legend(loc=(0.4, 1))
+
+    def plot_progress_png(self, output_folder):
+        if not self.extra_keys:
+            return super().plot_progress_png(output_folder)
+        epoch = min(len(v) for v in self.my_fantastic_logging.values()) - 1
+        subplots = plt.subplots
+
+        def subplots_with_panel(nrows=1, ncols=1, **kwargs):
+            w, h = kwargs.pop("figsize")
+            fig, axes = subplots(nrows + 1, ncols, figsize=(w, h * (nrows + 1) / nrows), **kwargs)
+            self._draw_panel(axes[-1], epoch)
+            return fig, axes[:-1]
+
+        with mock.patch.object(plt, "subplots", subplots_with_panel):
+            super().plot_progress_png(output_folder)
