@@ -28,7 +28,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+from nnunetv2.utilities.utils import (
+    get_filenames_of_train_images_and_targets,
+    get_identifiers_from_splitted_dataset_folder,
+)
 from tqdm import tqdm
 
 UNLABELED_FOLDER = "imagesUnlabeled"
@@ -49,8 +52,11 @@ def num_channels(dataset_json: dict) -> int:
 
 
 def labeled_case_ids(raw_dataset_folder: str | Path, dataset_json: dict) -> list[str]:
-    """The training cases of ``imagesTr`` (or of dataset.json's ``dataset`` key), exactly as nnU-Net lists them."""
-    return sorted(get_filenames_of_train_images_and_targets(str(raw_dataset_folder), dict(dataset_json)).keys())
+    """The training cases of ``imagesTr`` (or of dataset.json's ``dataset`` key), as nnU-Net lists them."""
+    if "dataset" in dataset_json:
+        return sorted(dataset_json["dataset"])
+    return sorted(get_identifiers_from_splitted_dataset_folder(str(Path(raw_dataset_folder) / "imagesTr"),
+                                                               dataset_json["file_ending"]))
 
 
 def find_unlabeled_images(raw_dataset_folder: str | Path, dataset_json: dict) -> dict[str, list[str]]:

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from unittest import mock
 
-import matplotlib
-
-matplotlib.use("agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from nnunetv2.training.logging.nnunet_logger import LocalLogger  # noqa: E402
+import matplotlib.pyplot as plt
+from nnunetv2.training.logging.nnunet_logger import LocalLogger  # selects matplotlib's 'agg' backend
 
 
 class SSLLocalLogger(LocalLogger):
