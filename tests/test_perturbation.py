@@ -1,22 +1,30 @@
 """The stochastic perturbation module (MuST section 2.2)."""
 
+import pytest
 import torch
 
 from nnunet_ssl.methods.must.perturbation import PERTURBATIONS, PerturbationConfig, perturb, perturbation_masks
 
+perturb_ = perturb
+
 CFG = PerturbationConfig()
 
 
-def test_each_perturbation_behaves_as_documented():
+@pytest.mark.parametrize("by_tensor", [False, True], ids=["eager", "compile-friendly"])
+def test_each_perturbation_behaves_as_documented(by_tensor):
     torch.manual_seed(0)
     x = torch.rand(2, 8, 6, 6, 6) + 0.5
-    uni = perturb(x, CFG, torch.tensor(0)) / x
+
+    def perturb(x, cfg, choice):
+        return perturb_(x, cfg, choice, select_by_tensor=by_tensor)
+
+    uni = perturb(x, CFG, 0) / x
     assert uni.min() >= 1 - CFG.uniform_range - 1e-6 and uni.max() <= 1 + CFG.uniform_range + 1e-6
     assert uni.std() > 0.1  # per element, not constant
-    gauss = perturb(x, CFG, torch.tensor(1)) / x - 1
+    gauss = perturb(x, CFG, 1) / x - 1
     assert abs(gauss.std().item() - CFG.gaussian_std) < 0.02 and abs(gauss.mean().item()) < 0.02
     # feature dropout: zero where the channel mean exceeds gamma * peak (gamma in [0.7, 0.9]), untouched elsewhere
-    fd = perturb(x, CFG, torch.tensor(2))
+    fd = perturb(x, CFG, 2)
     attention = x.mean(1)
     peak = attention.flatten(1).amax(1).view(2, 1, 1, 1)
     dropped = (fd == 0).all(1)
@@ -25,7 +33,7 @@ def test_each_perturbation_behaves_as_documented():
     assert torch.equal(fd.permute(0, 2, 3, 4, 1)[~dropped], x.permute(0, 2, 3, 4, 1)[~dropped])
     assert dropped.any()  # the peak location is always dropped
     # spatial dropout: whole channels zeroed, kept ones scaled by 1 / (1 - p)
-    sd = perturb(x, CFG, torch.tensor(3)) / x
+    sd = perturb(x, CFG, 3) / x
     per_channel = sd.flatten(2)
     assert torch.allclose(per_channel, per_channel[..., :1].expand_as(per_channel))
     values = set(torch.round(per_channel[..., 0] * 1e4).flatten().tolist())
@@ -42,12 +50,13 @@ def test_masks_shapes_2d_and_3d():
         assert perturb(x, CFG).shape == x.shape
 
 
-def test_draw_is_uniform_over_the_four():
+@pytest.mark.parametrize("by_tensor", [False, True], ids=["eager", "compile-friendly"])
+def test_draw_is_uniform_over_the_four(by_tensor):
     torch.manual_seed(1)
     x = torch.rand(1, 4, 4, 4) + 1.0
     counts = [0, 0, 0, 0]
     for _ in range(800):
-        y = perturb(x, CFG) / x
+        y = perturb(x, CFG, select_by_tensor=by_tensor) / x
         if (y == 0).all(1).any() and not (y == 0).all():
             counts[2] += 1  # feature dropout: some locations in every channel
         elif torch.allclose(y, y.flatten(2)[..., :1, None].expand_as(y)):
@@ -61,5 +70,5 @@ def test_draw_is_uniform_over_the_four():
 
 def test_gradient_flows_through_perturbation():
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
-    perturb(x, CFG, torch.tensor(0)).sum().backward()
+    perturb(x, CFG, 0).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
