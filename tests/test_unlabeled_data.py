@@ -136,6 +136,7 @@ def test_trainer_without_unlabeled_images_fails_before_training(demo, tmp_path, 
 
 def test_bad_hyper_parameters_fail_before_training(demo, tmp_path):
     copy = demo.copy(tmp_path)
+    shutil.rmtree(unlabeled_preprocessed_folder(copy.pp, "nnUNetPlans_3d_fullres"), ignore_errors=True)
     for hparams, message in (({"temprature": 0.5}, "unknown hyper-parameter(s) for MuSTTrainer: temprature"),
                              ({"temperature": "hot"}, "'temperature' = 'hot' is invalid: expected a number")):
         proc = copy.run("nnUNetv2_train", str(copy.dataset_id), "3d_fullres", "0", "-tr", "MuSTTrainer", "-device",
