@@ -22,6 +22,8 @@ from make_demo_dataset import make_demo_dataset
 from nnunet_ssl.ext_trainers_path import trainers_path
 
 BIN = Path(sys.executable).parent
+# nnU-Net's planner sizes torch's threads with nnUNet_n_proc_DA and fails when it is 0 (single-threaded debugging)
+PLANNING_ENV = {"nnUNet_n_proc_DA": "2"}
 
 
 @dataclass
@@ -55,9 +57,10 @@ class Env:
     def results(self, trainer: str, configuration: str = "3d_fullres", fold: str = "0") -> Path:
         return self.root / "results" / self.name / f"{trainer}__nnUNetPlans__{configuration}" / f"fold_{fold}"
 
-    def run(self, *cmd: str, hparams: dict | None = None, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    def run(self, *cmd: str, hparams: dict | None = None, check: bool = True, extra_env: dict | None = None,
+            **kw) -> subprocess.CompletedProcess:
         """Run one of nnU-Net's (or the plugin's) commands in this environment."""
-        env = {**os.environ, **self.vars}
+        env = {**os.environ, **self.vars, **(extra_env or {})}
         env.pop("nnUNet_ssl_hparams", None)
         if hparams is not None:
             env["nnUNet_ssl_hparams"] = json.dumps(hparams)
@@ -79,7 +82,8 @@ def _planned(tmp_path_factory, dataset_id: int, configurations: tuple[str, ...],
     root = tmp_path_factory.mktemp(f"nnunet_{dataset_id}")
     folder = make_demo_dataset(root / "raw", dataset_id=dataset_id, shape=(24, 24, 24), **kw)
     env = Env(root, dataset_id, folder.name)
-    env.run("nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configurations, "-np", "2")
+    env.run("nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configurations, "-np", "2",
+            extra_env=PLANNING_ENV)
     return env
 
 
@@ -108,7 +112,7 @@ def demo_regions_ignore(tmp_path_factory) -> Env:
         out.CopyInformation(img)
         sitk.WriteImage(out, str(f))
     env = Env(root, 982, folder.name)
-    env.run("nnUNetv2_plan_and_preprocess", "-d", "982", "-c", "3d_fullres", "-np", "2")
+    env.run("nnUNetv2_plan_and_preprocess", "-d", "982", "-c", "3d_fullres", "-np", "2", extra_env=PLANNING_ENV)
     return env
 
 

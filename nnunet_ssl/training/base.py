@@ -100,9 +100,14 @@ class SemiSupervisedTrainer(SupervisedTrainer):
                                f"imagesTr), {len(tr_keys)} labeled training case(s).")
         return sorted(cases)
 
+    def unlabeled_dataset(self) -> UnlabeledDataset:
+        """The cases the unlabeled loader draws from (self-training methods return them with pseudo-labels)."""
+        return UnlabeledDataset(str(self.unlabeled_folder()), self.unlabeled_identifiers)
+
     def get_unlabeled_dataloader(self):
-        """Unlabeled patches through the labeled loader's augmentation pipeline and patch size. No deep-supervision
-        targets: an unlabeled batch has none."""
+        """Patches of ``unlabeled_dataset()`` through the labeled loader's augmentation pipeline and patch size,
+        drawn uniformly (no oversampling). No deep-supervision targets: the batch's ``target`` is the full-resolution
+        label map (all background for unlabeled cases, the pseudo-label for pseudo-labeled ones)."""
         rotation, dummy_2d, initial_patch_size, mirror_axes = \
             self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         lm = self.label_manager
@@ -112,9 +117,8 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             foreground_labels=lm.foreground_labels, regions=lm.foreground_regions if lm.has_regions else None,
             ignore_label=lm.ignore_label)
         batch_size = self.hparams["unlabeled_batch_size"] or self.batch_size
-        dl = UnlabeledDataLoader(UnlabeledDataset(str(self.unlabeled_folder()), self.unlabeled_identifiers),
-                                 batch_size, initial_patch_size, self.configuration_manager.patch_size, lm,
-                                 sampling_probabilities=None, pad_sides=None, transforms=transforms)
+        dl = UnlabeledDataLoader(self.unlabeled_dataset(), batch_size, initial_patch_size,
+                                 self.configuration_manager.patch_size, lm, sampling_probabilities=None, pad_sides=None, transforms=transforms)
         n_proc = get_allowed_n_proc_DA()
         if n_proc == 0:
             return SingleThreadedAugmenter(dl, None)
@@ -130,6 +134,11 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         if isinstance(self.dataloader_unlabeled, NonDetMultiThreadedAugmenter):
             self.dataloader_unlabeled._finish()
         self.dataloader_unlabeled = None
+
+    def restart_unlabeled_dataloader(self) -> None:
+        """Rebuild the unlabeled loader, e.g. after ``unlabeled_dataset()`` changed (its workers hold a copy)."""
+        self.shutdown_unlabeled_dataloader()
+        self.dataloader_unlabeled = self.get_unlabeled_dataloader()
 
     def on_train_end(self):
         super().on_train_end()

@@ -1,0 +1,204 @@
+"""Pseudo-labels of preprocessed images, predicted with nnU-Net's own sliding-window predictor.
+
+Methods that self-train (POPCORN, local contrastive self-training) predict label maps for unlabeled cases with
+the current model and train on them later. Shared here:
+
+- ``predict_logits``: nnU-Net's ``nnUNetPredictor.predict_sliding_window_return_logits`` on a preprocessed case
+  (the same code path as nnU-Net's final validation: Gaussian-weighted tiles with step 0.5, optional mirroring),
+  with the training network switched to inference mode and back;
+- ``segmentation_from_logits``: the label map nnU-Net would export (argmax, or regions thresholded at 0.5 and
+  mapped back with ``regions_class_order``), at the preprocessed resolution, with -1 outside the nonzero mask
+  exactly like nnU-Net's preprocessed ``_seg`` arrays;
+- ``PseudoLabelStore``: a folder of ``{case}_seg.b2nd`` + ``{case}.pkl`` (the image's properties with
+  ``class_locations`` sampled from the pseudo-label, so nnU-Net's foreground oversampling works), each file written
+  to a temporary name and renamed;
+- ``PseudoLabeledDataset`` (unlabeled images with their pseudo-labels) and ``CombinedDataset`` (labeled cases plus
+  pseudo-labeled ones), which nnU-Net's data loader reads like its own dataset.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import blosc2
+import numpy as np
+import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+from nnunetv2.training.dataloading.nnunet_dataset import nnUNetBaseDataset, nnUNetDatasetBlosc2
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+SEG_SUFFIX = "_seg.b2nd"
+PROPERTIES_SUFFIX = ".pkl"
+
+
+# ---------------------------------------------------------------- prediction
+def inference_network(trainer) -> torch.nn.Module:
+    """The trainer's network without the DDP wrapper: ranks predict different cases, and a DDP forward would wait
+    for the other ranks (buffer broadcast). A compiled network stays compiled."""
+    return trainer.network.module if trainer.is_ddp else trainer.network
+
+
+@contextmanager
+def inference_mode(trainer):
+    """Eval mode without deep supervision for the duration; training mode and deep supervision restored after."""
+    network = inference_network(trainer)
+    was_training = network.training
+    trainer.set_deep_supervision_enabled(False)
+    network.eval()
+    try:
+        with torch.no_grad():
+            yield network
+    finally:
+        trainer.set_deep_supervision_enabled(trainer.enable_deep_supervision)
+        network.train(was_training)
+
+
+def make_predictor(trainer, network: torch.nn.Module, use_mirroring: bool = False,
+                   tile_step_size: float = 0.5) -> nnUNetPredictor:
+    """nnU-Net's predictor around the training network, configured as for nnU-Net's final validation."""
+    predictor = nnUNetPredictor(tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
+                                perform_everything_on_device=True, device=trainer.device, verbose=False,
+                                verbose_preprocessing=False, allow_tqdm=False)
+    predictor.manual_initialization(network, trainer.plans_manager, trainer.configuration_manager, None,
+                                    trainer.dataset_json, type(trainer).__name__,
+                                    trainer.inference_allowed_mirroring_axes)
+    return predictor
+
+
+def predict_logits(predictor: nnUNetPredictor, data: np.ndarray) -> torch.Tensor:
+    """Sliding-window logits (C, *spatial) of a preprocessed case (C_in, *spatial), on the CPU in fp32."""
+    image = torch.from_numpy(np.ascontiguousarray(data[:], dtype=np.float32))
+    return predictor.predict_sliding_window_return_logits(image).float().cpu()
+
+
+def segmentation_from_logits(logits: torch.Tensor, label_manager: LabelManager,
+                             nonzero_seg: np.ndarray | None = None) -> np.ndarray:
+    """Label map (1, *spatial) in nnU-Net's preprocessed ``_seg`` convention: label values (regions mapped back
+    with ``regions_class_order``), and -1 where ``nonzero_seg`` (the case's preprocessed ``_seg``) is -1."""
+    seg = label_manager.convert_logits_to_segmentation(logits)
+    seg = seg.numpy() if isinstance(seg, torch.Tensor) else seg
+    seg = seg.astype(np.int16 if seg.max(initial=0) > 127 else np.int8)[None]
+    if nonzero_seg is not None:
+        seg[np.asarray(nonzero_seg[:]) < 0] = -1
+    return seg
+
+
+def class_locations(seg: np.ndarray, label_manager: LabelManager) -> dict:
+    """Voxel samples per class (or region) exactly as nnU-Net's preprocessing collects them for oversampling,
+    including the 'annotated' key nnU-Net's loader needs on datasets with an ignore label."""
+    collect = list(label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels)
+    if label_manager.has_ignore_label:
+        collect.append([-1] + label_manager.all_labels)
+    return DefaultPreprocessor._sample_foreground_locations(seg, collect)
+
+
+# ---------------------------------------------------------------- storage
+def _replace_atomic(write, path: Path) -> None:
+    """``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class PseudoLabelStore:
+    """A folder of pseudo-label maps at the preprocessed resolution. ``{case}.pkl`` is written last: a case counts
+    as stored once both files exist (a run killed in between re-predicts that case)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    def seg_file(self, case: str) -> Path:
+        return self.folder / f"{case}{SEG_SUFFIX}"
+
+    def properties_file(self, case: str) -> Path:
+        return self.folder / f"{case}{PROPERTIES_SUFFIX}"
+
+    def has(self, case: str) -> bool:
+        return self.seg_file(case).is_file() and self.properties_file(case).is_file()
+
+    def cases(self) -> list[str]:
+        return sorted(p.name[: -len(PROPERTIES_SUFFIX)] for p in self.folder.glob(f"*{PROPERTIES_SUFFIX}")
+                      if self.seg_file(p.name[: -len(PROPERTIES_SUFFIX)]).is_file())
+
+    def write(self, case: str, seg: np.ndarray, image_properties: dict, label_manager: LabelManager) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        properties = dict(image_properties)
+        properties["class_locations"] = class_locations(seg, label_manager)
+
+        def write_seg(tmp: str) -> None:
+            os.remove(tmp)  # blosc2 refuses to overwrite
+            blosc2.asarray(np.ascontiguousarray(seg), urlpath=tmp, mode="w")
+
+        def write_properties(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                pickle.dump(properties, f)
+
+        _replace_atomic(write_seg, self.seg_file(case))
+        _replace_atomic(write_properties, self.properties_file(case))
+
+    def load(self, case: str):
+        seg = blosc2.open(urlpath=str(self.seg_file(case)), mode="r", dparams={"nthreads": 1})
+        with open(self.properties_file(case), "rb") as f:
+            return seg, pickle.load(f)
+
+
+def predict_pseudo_labels(trainer, image_dataset: nnUNetDatasetBlosc2, cases: Sequence[str],
+                          store: PseudoLabelStore, use_mirroring: bool = False) -> None:
+    """Predict and store the pseudo-label of each case of ``image_dataset`` (its ``_seg`` is the nonzero mask).
+    Under DDP each rank predicts every world-size-th case; callers synchronise afterwards."""
+    lm = trainer.label_manager
+    rank, world = (trainer.local_rank, torch.distributed.get_world_size()) if trainer.is_ddp else (0, 1)
+    with inference_mode(trainer) as network:
+        predictor = make_predictor(trainer, network, use_mirroring)
+        for case in list(cases)[rank::world]:
+            data, nonzero_seg, _, properties = image_dataset.load_case(case)
+            logits = predict_logits(predictor, data)
+            store.write(case, segmentation_from_logits(logits, lm, nonzero_seg), properties, lm)
+
+
+# ---------------------------------------------------------------- datasets for nnU-Net's data loader
+class PseudoLabeledDataset(nnUNetDatasetBlosc2):
+    """Images of ``image_folder`` (the unlabeled preprocessed folder) with the label maps of ``store``."""
+
+    def __init__(self, image_folder: str | Path, store: PseudoLabelStore, identifiers: Iterable[str]):
+        super().__init__(str(image_folder), list(identifiers))
+        self.store = store
+
+    def load_case(self, identifier: str):
+        data = blosc2.open(urlpath=os.path.join(self.source_folder, identifier + ".b2nd"), mode="r",
+                           dparams={"nthreads": 1}, **self.mmap_kwargs)
+        seg, properties = self.store.load(identifier)
+        return data, seg, None, properties
+
+
+class CombinedDataset:
+    """The union of datasets with disjoint identifiers (e.g. labeled cases and pseudo-labeled ones), read by
+    nnU-Net's data loader like one dataset (it uses ``identifiers`` and ``load_case``); each case is loaded by the
+    dataset that holds it."""
+
+    def __init__(self, datasets: Sequence[nnUNetBaseDataset]):
+        self.datasets = list(datasets)
+        self.owner: dict[str, nnUNetBaseDataset] = {}
+        for ds in self.datasets:
+            for identifier in ds.identifiers:
+                if identifier in self.owner:
+                    raise ValueError(f"case '{identifier}' is in more than one dataset")
+                self.owner[identifier] = ds
+        self.identifiers = sorted(self.owner)
+
+    def load_case(self, identifier: str):
+        return self.owner[identifier].load_case(identifier)
+
+    def __getitem__(self, identifier: str):
+        return self.load_case(identifier)

@@ -1,0 +1,124 @@
+"""Pseudo-labels: label maps from logits in nnU-Net's conventions, atomic storage, datasets for nnU-Net's loader,
+and prediction with nnU-Net's sliding-window predictor from a live trainer."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+from nnunet_ssl.data.loader import UnlabeledDataset
+from nnunet_ssl.data.unlabeled import gather_unlabeled_cases, preprocess_unlabeled
+from nnunet_ssl.training.pseudo_labels import (
+    CombinedDataset,
+    PseudoLabeledDataset,
+    PseudoLabelStore,
+    inference_mode,
+    make_predictor,
+    predict_logits,
+    predict_pseudo_labels,
+    segmentation_from_logits,
+)
+from nnunet_ssl.training.supervised import SupervisedTrainer
+
+LABELS = LabelManager({"background": 0, "organ": 1, "lesion": 2}, regions_class_order=None)
+REGIONS = LabelManager({"background": 0, "organ": [1, 2], "lesion": 2}, regions_class_order=[1, 2])
+
+
+def test_segmentation_from_logits_softmax_and_regions():
+    logits = torch.zeros(3, 2, 2, 2)
+    logits[1, 0] = 5  # first row: organ
+    logits[2, 1, 1] = 5  # one voxel column: lesion
+    nonzero = np.zeros((1, 2, 2, 2), np.int8)
+    nonzero[0, 1, 0, 0] = -1  # outside the nonzero mask
+    seg = segmentation_from_logits(logits, LABELS, nonzero)
+    expected = np.zeros((1, 2, 2, 2), np.int8)
+    expected[0, 0] = 1
+    expected[0, 1, 1] = 2
+    expected[0, 1, 0, 0] = -1
+    assert seg.dtype == np.int8 and np.array_equal(seg, expected)
+
+    region_logits = torch.full((2, 2, 2, 2), -5.0)
+    region_logits[0, 0] = 5  # organ region only -> label 1
+    region_logits[:, 1, 1] = 5  # organ and lesion regions -> label 2 (regions_class_order: later wins)
+    seg = segmentation_from_logits(region_logits, REGIONS)
+    expected = np.zeros((1, 2, 2, 2), np.int8)
+    expected[0, 0] = 1
+    expected[0, 1, 1] = 2
+    assert np.array_equal(seg, expected)
+
+
+def test_store_writes_atomically_with_class_locations(tmp_path):
+    store = PseudoLabelStore(tmp_path / "pl")
+    seg = np.zeros((1, 8, 8, 8), np.int8)
+    seg[0, 2:4, 2:4, 2:4] = 1
+    seg[0, 5, 5, 5] = 2
+    store.write("case_a", seg, {"spacing": [1, 1, 1]}, LABELS)
+    assert store.cases() == ["case_a"] and store.has("case_a")
+    assert sorted(p.name for p in (tmp_path / "pl").iterdir()) == ["case_a.pkl", "case_a_seg.b2nd"]  # no tmp left
+    loaded, props = store.load("case_a")
+    assert np.array_equal(loaded[:], seg) and props["spacing"] == [1, 1, 1]
+    locs = props["class_locations"]
+    assert {tuple(c[1:]) for c in locs[2]} == {(5, 5, 5)}  # (channel, z, y, x) as nnU-Net stores them
+    assert all(seg[0, z, y, x] == 1 for _, z, y, x in locs[1])
+    # overwriting a case replaces it; a seg without its .pkl (interrupted write) does not count as stored
+    store.write("case_a", np.zeros_like(seg), {}, LABELS)
+    assert store.load("case_a")[0][:].max() == 0
+    store.properties_file("case_a").unlink()
+    assert store.cases() == [] and not store.has("case_a")
+
+
+@pytest.fixture
+def trainer(demo, monkeypatch):
+    for k, v in demo.vars.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("nnUNet_ssl_hparams", raising=False)
+    plans = {**json.loads((demo.pp / "nnUNetPlans.json").read_text()), "continue_training": False}
+    dataset_json = json.loads((demo.pp / "dataset.json").read_text())
+    t = SupervisedTrainer(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+    t.initialize()
+    return t
+
+
+def test_predict_with_nnunet_predictor_and_load_through_nnunet_loader(demo, trainer, tmp_path):
+    cases = gather_unlabeled_cases(demo.raw, json.loads((demo.raw / "dataset.json").read_text()))
+    image_folder = tmp_path / "unlabeled"
+    preprocess_unlabeled(cases, image_folder, trainer.plans_manager, "3d_fullres", trainer.dataset_json, 1,
+                         progress=False)
+    images = UnlabeledDataset(str(image_folder), sorted(cases))
+    store = PseudoLabelStore(tmp_path / "pseudo")
+    trainer.network.train()
+    predict_pseudo_labels(trainer, images, sorted(cases), store)
+    assert trainer.network.training and trainer.network.decoder.deep_supervision  # restored afterwards
+    assert store.cases() == sorted(cases)
+    for case in cases:
+        data, nonzero, _, _ = images.load_case(case)
+        seg, props = store.load(case)
+        assert seg.shape == (1, *data.shape[1:])  # the preprocessed image's shape
+        assert set(np.unique(seg[:])) <= {-1, 0, 1, 2}
+        assert np.array_equal(seg[:] < 0, nonzero[:] < 0)
+        assert set(props["class_locations"]) == {1, 2}
+
+    # the stored map is the argmax of nnU-Net's sliding-window logits inside the nonzero mask, -1 outside
+    case = min(cases)
+    data, nonzero, _, _ = images.load_case(case)
+    with inference_mode(trainer) as net:
+        logits = predict_logits(make_predictor(trainer, net), data)
+    expected = np.where(nonzero[0][:] < 0, -1, logits.argmax(0).numpy())
+    assert np.array_equal(store.load(case)[0][0][:], expected)
+
+    # nnU-Net's loader reads labeled and pseudo-labeled cases together, with foreground oversampling
+    labeled = nnUNetDatasetBlosc2(trainer.preprocessed_dataset_folder, trainer.do_split()[0])
+    combined = CombinedDataset([labeled, PseudoLabeledDataset(image_folder, store, sorted(cases))])
+    assert combined.identifiers == sorted(labeled.identifiers + sorted(cases))
+    patch = trainer.configuration_manager.patch_size
+    loader = nnUNetDataLoader(combined, 4, patch, patch, trainer.label_manager, oversample_foreground_percent=1.0)
+    batch = next(loader)
+    assert batch["data"].shape == (4, 1, *patch) and batch["target"].shape == (4, 1, *patch)
+    with pytest.raises(ValueError, match="in more than one dataset"):
+        CombinedDataset([labeled, labeled])
