@@ -34,20 +34,29 @@ def cmd_preprocess_unlabeled(args: argparse.Namespace) -> None:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunet_ssl.data.labeled_fraction import declared_unlabeled_cases
-    from nnunet_ssl.data.unlabeled import gather_unlabeled_cases, preprocess_unlabeled, unlabeled_preprocessed_folder
+    from nnunet_ssl.data.unlabeled import (
+        check_unlabeled_cases,
+        gather_unlabeled_cases,
+        preprocess_unlabeled,
+        unlabeled_preprocessed_folder,
+    )
 
     _, raw, pp, plans, dataset_json = _dataset_paths(args.d, args.p)
     pm = PlansManager(plans)
     folds = [None] if args.f is None else args.f
     declared = sorted({c for f in folds for c in declared_unlabeled_cases(pp, f)})
-    cases = gather_unlabeled_cases(raw, dataset_json, declared)
+    cases = gather_unlabeled_cases(raw, dataset_json, declared, args.skip_bad)
     if args.check_only:
+        problems = check_unlabeled_cases(cases, pm, args.np or default_num_processes)
+        if problems:
+            raise SystemExit(f"error: {len(problems)} bad unlabeled case(s):\n  " + "\n  ".join(problems))
         print(f"{len(cases)} unlabeled case(s) passed the checks ({len(declared)} declared from imagesTr).")
         return
     for configuration in args.c:
         out = unlabeled_preprocessed_folder(pp, pm.get_configuration(configuration).data_identifier)
-        preprocess_unlabeled(cases, out, pm, configuration, dataset_json, args.np or default_num_processes)
-        print(f"{configuration}: {len(cases)} unlabeled case(s) up to date in {out}")
+        ready = preprocess_unlabeled(cases, out, pm, configuration, dataset_json, args.np or default_num_processes,
+                                     skip_bad=args.skip_bad)
+        print(f"{configuration}: {len(ready)} unlabeled case(s) up to date in {out}")
 
 
 def cmd_labeled_fraction(args: argparse.Namespace) -> None:
@@ -87,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-f", nargs="+", default=None, help="folds whose labeled-fraction cases to include "
                                                           "(default: every fold in the file)")
     p.add_argument("-np", type=int, default=None, help="processes (default: nnUNet_def_n_proc)")
-    p.add_argument("--check-only", action="store_true", help="only check the unlabeled images")
+    p.add_argument("--check-only", action="store_true", help="only check the unlabeled images (nothing written)")
+    p.add_argument("--skip-bad", action="store_true", help="leave bad unlabeled cases out (listed) instead of "
+                                                           "stopping")
     p.set_defaults(func=cmd_preprocess_unlabeled)
 
     p = sub.add_parser("labeled-fraction", help="declare training cases unlabeled per fold (labeled-fraction "

@@ -11,11 +11,14 @@ import sys
 import blosc2
 import numpy as np
 import pytest
+import SimpleITK as sitk
 from conftest import SHORT, make_demo_dataset
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnunet_ssl.data.loader import UnlabeledDataLoader, UnlabeledDataset
 from nnunet_ssl.data.unlabeled import (
     UnlabeledDataError,
+    check_unlabeled_cases,
     find_unlabeled_images,
     preprocess_unlabeled,
     unlabeled_preprocessed_folder,
@@ -60,6 +63,29 @@ def test_missing_channel_is_reported(raw):
     dj["channel_names"] = {"0": "T1", "1": "T2"}
     with pytest.raises(UnlabeledDataError, match=r"demo_002_0001.nii.gz: missing; case 'demo_002' needs all 2"):
         find_unlabeled_images(raw, dj)
+
+
+def test_label_file_in_unlabeled_folder_is_named_as_such(raw):
+    shutil.copy(raw / "labelsTr" / "demo_000.nii.gz", raw / "imagesUnlabeled" / "demo_000.nii.gz")
+    with pytest.raises(UnlabeledDataError, match="name of a label file in .*labelsTr: label maps do not belong"):
+        find_unlabeled_images(raw, _dj(raw))
+
+
+def test_empty_unlabeled_folder_finds_nothing(raw):
+    for f in (raw / "imagesUnlabeled").iterdir():
+        f.unlink()
+    assert find_unlabeled_images(raw, _dj(raw)) == {}  # the trainer then stops (test below)
+
+
+def test_skip_bad_leaves_bad_files_and_cases_out(raw):
+    folder = raw / "imagesUnlabeled"
+    shutil.copy(folder / "demo_002_0000.nii.gz", folder / "demo_002_0001.nii.gz")  # extra channel: case is bad
+    (folder / "notes.txt").write_text("x")  # wrong ending: file is ignored
+    with pytest.raises(UnlabeledDataError, match="skip_bad_unlabeled"):  # the error says how to skip
+        find_unlabeled_images(raw, _dj(raw))
+    reports = []
+    assert list(find_unlabeled_images(raw, _dj(raw), skip_bad=True, report=reports.append)) == ["demo_003"]
+    assert len(reports) == 1 and "demo_002_0001.nii.gz" in reports[0] and "notes.txt" in reports[0]
 
 
 def test_folder_inside_is_reported(raw):
@@ -120,6 +146,90 @@ def test_unreadable_image_fails_naming_the_file_and_writes_nothing(demo, tmp_pat
         preprocess_unlabeled({"broken": [str(bad)]}, out, pm, "3d_fullres", dj, 1, progress=False)
     assert str(bad) in str(e.value) and "could not read" in str(e.value)
     assert [p.name for p in out.iterdir()] == []  # no partial case, no temporary folder, no manifest entry
+
+
+def _write_image(path, array, spacing=(1.0, 1.0, 1.0), direction=None):
+    img = sitk.GetImageFromArray(array.astype(np.float32))
+    img.SetSpacing(spacing)
+    if direction is not None:
+        img.SetDirection(direction)
+    sitk.WriteImage(img, str(path))
+    return str(path)
+
+
+def _random_image(shape=(16, 16, 16), seed=0):
+    return np.random.default_rng(seed).normal(100, 20, shape)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("nan", "1 NaN and 0 infinite voxel(s)"),
+    ("inf", "0 NaN and 3 infinite voxel(s)"),
+    ("zeros", "the image is constant (0.0)"),
+    ("truncated", "could not read or preprocess unlabeled case"),
+])
+def test_bad_voxels_fail_naming_the_file(demo, tmp_path, kind, message):
+    pm, dj = _plans(demo)
+    image = _random_image()
+    if kind == "nan":
+        image[1, 2, 3] = np.nan
+    elif kind == "inf":
+        image[0, 0, :3] = np.inf
+    elif kind == "zeros":
+        image[:] = 0
+    f = _write_image(tmp_path / "bad_0000.nii.gz", image)
+    if kind == "truncated":
+        data = (tmp_path / "bad_0000.nii.gz").read_bytes()
+        (tmp_path / "bad_0000.nii.gz").write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    with pytest.raises(UnlabeledDataError) as e:
+        preprocess_unlabeled({"bad": [f]}, out, pm, "3d_fullres", dj, 1, progress=False)
+    assert f in str(e.value) and message in str(e.value) and "skip_bad_unlabeled" in str(e.value)
+    assert [p.name for p in out.iterdir()] == []  # nothing half-written, no manifest entry
+    assert check_unlabeled_cases({"bad": [f]}, pm, 1)[0].startswith(f)  # the CLI's --check-only finds it too
+
+
+@pytest.mark.parametrize("what", ["spacing", "orientation", "size"])
+def test_channels_on_different_grids_fail_naming_the_file(tmp_path, what):
+    t1 = _write_image(tmp_path / "c_0000.nii.gz", _random_image())
+    flipped = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    t2 = _write_image(tmp_path / "c_0001.nii.gz", _random_image((16, 16, 12) if what == "size" else (16, 16, 16)),
+                      spacing=(1.0, 1.0, 2.0) if what == "spacing" else (1.0, 1.0, 1.0),
+                      direction=flipped if what == "orientation" else None)
+    from nnunet_ssl.data.unlabeled import check_channel_geometry
+
+    with pytest.raises(UnlabeledDataError, match=f"c_0001.nii.gz: {what} .* differs from .*c_0000.nii.gz"):
+        check_channel_geometry("c", [t1, t2])
+    check_channel_geometry("c", [t1, t1])  # the same grid passes
+
+
+def test_skip_bad_preprocesses_the_good_cases_and_lists_the_bad(demo, tmp_path):
+    pm, dj = _plans(demo)
+    good = _write_image(tmp_path / "good_0000.nii.gz", _random_image())
+    nan = _random_image(seed=1)
+    nan[0, 0, 0] = np.nan
+    bad = _write_image(tmp_path / "bad_0000.nii.gz", nan)
+    reports = []
+    out = tmp_path / "out"
+    ready = preprocess_unlabeled({"good": [good], "bad": [bad]}, out, pm, "3d_fullres", dj, 2, progress=False,
+                                 skip_bad=True, report=reports.append)
+    assert ready == ["good"]
+    assert len(reports) == 1 and bad in reports[0] and "1 NaN" in reports[0]
+    assert sorted(json.loads((out / "manifest.json").read_text())["cases"]) == ["good"]  # bad is retried next time
+
+
+def test_image_smaller_than_the_patch_is_padded(demo, tmp_path):
+    """As for nnU-Net's labeled cases: preprocessing keeps the small image, the loader pads the patch."""
+    pm, dj = _plans(demo)
+    small = _write_image(tmp_path / "small_0000.nii.gz", _random_image((5, 6, 7)))
+    out = tmp_path / "out"
+    preprocess_unlabeled({"small": [small]}, out, pm, "3d_fullres", dj, 1, progress=False)
+    patch = pm.get_configuration("3d_fullres").patch_size
+    assert blosc2.open(str(out / "small.b2nd"), mode="r").shape == (1, 5, 6, 7)
+    loader = UnlabeledDataLoader(UnlabeledDataset(str(out), ["small"]), 2, patch, patch,
+                                 pm.get_label_manager(dj))
+    batch = next(loader)
+    assert batch["data"].shape == (2, 1, *patch)
+    assert (batch["data"] != 0).sum() <= 2 * 5 * 6 * 7  # the rest is padding
 
 
 def test_trainer_without_unlabeled_images_fails_before_training(demo, tmp_path, monkeypatch):

@@ -44,6 +44,8 @@ SSL_HPARAMS: dict[str, HParam] = {
     "rampup": HParam("sigmoid", str, "Shape of the ramp-up of the unsupervised weight.", choices=RAMPS),
     "rampup_fraction": HParam(0.25, float, "Fraction of all training iterations over which the weight ramps up "
                                            "from 0.", low=0.0, high=1.0),
+    "skip_bad_unlabeled": HParam(False, bool, "Leave bad unlabeled cases out (listed in the training log) instead "
+                                              "of stopping before training."),
 }
 
 
@@ -85,20 +87,27 @@ class SemiSupervisedTrainer(SupervisedTrainer):
                                      f"nnUNet_raw is not set. Export nnUNet_raw as for nnUNetv2_plan_and_preprocess.")
         raw = f"{nnUNet_raw.get()}/{self.plans_manager.dataset_name}"
         tr_keys, _ = self.do_split()
-        cases = gather_unlabeled_cases(raw, self.dataset_json, self.declared_unlabeled)
+        skip_bad = self.hparams["skip_bad_unlabeled"]
+        cases = gather_unlabeled_cases(raw, self.dataset_json, self.declared_unlabeled, skip_bad,
+                                       self.print_to_log_file)
         if not cases:
             raise UnlabeledDataError(
                 f"{type(self).__name__} needs unlabeled images but found none: put them in {raw}/{UNLABELED_FOLDER}/ "
                 f"named like imagesTr ({{case}}_{{channel:04d}}{self.dataset_json['file_ending']}), or declare labeled "
                 f"training cases as unlabeled (see `nnunet_ssl labeled-fraction -h`).")
+        ready = [None]
         if self.local_rank == 0:
-            preprocess_unlabeled(cases, self.unlabeled_folder(), self.plans_manager, self.configuration_name,
-                                 self.dataset_json, default_num_processes)
-        if self.is_ddp:
-            dist.barrier()
-        self.print_to_log_file(f"{len(cases)} unlabeled case(s) ({len(self.declared_unlabeled)} declared from "
+            ready[0] = preprocess_unlabeled(cases, self.unlabeled_folder(), self.plans_manager,
+                                            self.configuration_name, self.dataset_json, default_num_processes,
+                                            skip_bad=skip_bad, report=self.print_to_log_file)
+        if self.is_ddp:  # every rank trains on the cases rank 0 preprocessed
+            dist.broadcast_object_list(ready, src=0)
+        if not ready[0]:
+            raise UnlabeledDataError(f"every unlabeled case was left out as bad (see above); fix them or add "
+                                     f"others to {raw}/{UNLABELED_FOLDER}/.")
+        self.print_to_log_file(f"{len(ready[0])} unlabeled case(s) ({len(self.declared_unlabeled)} declared from "
                                f"imagesTr), {len(tr_keys)} labeled training case(s).")
-        return sorted(cases)
+        return ready[0]
 
     def unlabeled_dataset(self) -> UnlabeledDataset:
         """The cases the unlabeled loader draws from (self-training methods return them with pseudo-labels)."""
