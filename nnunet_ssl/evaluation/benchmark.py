@@ -657,10 +657,10 @@ def write_report(settings: Settings, ctx: Context) -> Path | None:
             (f"- {len(ctx.train)} training cases ({len(ctx.pool)} in the labeled pool), {len(ctx.val)} validation, "
              f"{len(ctx.test)} test cases; test-time augmentation {'off' if settings.disable_tta else 'on'}"),
             f"- device: {hardware}; written {time.strftime('%Y-%m-%d %H:%M')}",
-            "- cells: mean ± standard deviation over seeds of the test-set mean (NaN-skipping); HD95 and ASD in mm "
-            "(an empty prediction or reference counts as the image diagonal); s/iteration: median epoch wall time "
-            "/ iterations per epoch; peak memory: CUDA peak allocated on a GPU, else peak resident set size of the "
-            "training process", "", markdown_table(summary, ctx.class_names), "", *gap_lines(summary), "",
+            ("- cells: mean ± standard deviation over seeds of the test-set mean (NaN-skipping); HD95 and ASD in mm "
+             "(an empty prediction or reference counts as the image diagonal); s/iteration: median epoch wall time "
+             "/ iterations per epoch; peak memory: CUDA peak allocated on a GPU, else peak resident set size of the "
+             "training process"), "", markdown_table(summary, ctx.class_names), "", *gap_lines(summary), "",
             *[f"![{f.stem}]({f.name})" for f in figures], ""]
     (out / "benchmark.md").write_text("\n".join(text))
     return out / "benchmark.md"
