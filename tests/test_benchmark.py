@@ -160,7 +160,8 @@ def test_benchmark_runs_and_resumes(demo, tmp_path):
         assert len(r["cases"]) == 2 * 2  # 2 test cases x 2 classes
         assert all(0 <= c["Dice"] <= 1 and c["HD95"] >= 0 for c in r["cases"] if np.isfinite(c["Dice"]))
         assert r["training"]["seconds_per_iteration"] > 0 and r["training"]["peak_rss_mib"] > 0
-    rows = list(csv.DictReader(open(work / "results.csv")))
+    with open(work / "results.csv") as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 3 * 4 and {r["method"] for r in rows} == {
         "lower bound (SupervisedTrainer)", "MuSTTrainer", "upper bound (SupervisedTrainer)"}
     table = (work / "benchmark.md").read_text()

@@ -272,14 +272,12 @@ def prepare(settings: Settings, log=print) -> tuple[Context, list[Run]]:
     has_unlabeled = any((raw / "imagesUnlabeled").glob("*" + ending))
 
     plans_identifier = _ensure_preprocessed(settings, name, pp, len(train_all), log)
+    # the bounds of every seed first: the gap they show decides whether comparing methods makes sense at all
     runs = []
-    for seed in settings.seeds:
-        for k in counts:
-            if settings.bounds:
-                runs.append(Run(LOWER, BASELINE, k, seed))
-            runs += [Run(SSL, t, k, seed) for t in trainers]
-        if settings.bounds:
-            runs.append(Run(UPPER, BASELINE, None, seed))
+    if settings.bounds:
+        for seed in settings.seeds:
+            runs += [Run(LOWER, BASELINE, k, seed) for k in counts] + [Run(UPPER, BASELINE, None, seed)]
+    runs += [Run(SSL, t, k, seed) for seed in settings.seeds for k in counts for t in trainers]
     class_names = {str(v): k for k, v in dataset_json["labels"].items() if k != "background"}
     ctx = Context(int(name[7:10]), name, raw, pp, plans_identifier, train, val, pool, test, has_unlabeled,
                   class_names)
@@ -677,10 +675,26 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-def benchmark(settings: Settings, log=print) -> Path | None:
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
+def benchmark(settings: Settings, log=_log) -> Path | None:
     ctx, runs = prepare(settings, log)
     log(f"{len(runs)} run(s): {', '.join(sorted({r.method for r in runs}))}; seeds {settings.seeds}")
+    gap_shown = False
     for i, run in enumerate(runs):
+        if run.role == SSL and not gap_shown:
+            gap_shown = True
+            report = write_report(settings, ctx)
+            summary = summarise(collect(settings.work_dir), ctx.class_names)
+            for line in gap_lines(summary):
+                log(line)
+            if any(r["role"] == UPPER for r in summary) and any(r["role"] == LOWER for r in summary) and \
+                    min(next(u["Dice mean"] for u in summary if u["role"] == UPPER) - r["Dice mean"]
+                        for r in summary if r["role"] == LOWER) < 0.10:
+                log("warning: the upper bound beats the lower bound by less than 10 Dice points; unlabeled data can "
+                    "hardly show an effect on this dataset (change the cohort, not the methods).")
         t = time.time()
         if execute(settings, ctx, run, log):
             log(f"[{i + 1}/{len(runs)}] {run.env_name} {run.method} done in {time.time() - t:.0f} s")
@@ -716,8 +730,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-labeled", type=int, nargs="+", default=None, help="labeled case count(s)")
     p.add_argument("--fraction", type=float, nargs="+", default=None, help="labeled fraction(s) of the pool")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
-    p.add_argument("--trainers", nargs="+", default=None, help="semi-supervised trainers (default: every one of "
-                                                               "the registry)")
+    p.add_argument("--trainers", nargs="*", default=None, help="semi-supervised trainers (default: every one of "
+                                                               "the registry; none: only the bounds)")
     p.add_argument("--no-bounds", action="store_true", help="skip the lower and upper bound")
     p.add_argument("--hparams", type=_json_arg, default=None,
                    help="JSON object or file: schedule (and shared hyper-parameters) for every trainer")
@@ -765,7 +779,7 @@ def main_from_args(args: argparse.Namespace) -> None:
     try:
         settings = settings_from_args(args)
         if args.report_only:
-            ctx, _ = prepare(settings, print)
+            ctx, _ = prepare(settings, _log)
             print(f"report: {write_report(settings, ctx)}")
             return
         benchmark(settings)
