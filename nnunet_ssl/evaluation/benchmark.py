@@ -41,7 +41,6 @@ import numpy as np
 
 from nnunet_ssl.data.labeled_fraction import FILENAME as LABELED_FRACTION_FILE
 from nnunet_ssl.data.unlabeled import write_json_atomic
-from nnunet_ssl.evaluation.surface import surface_metrics
 
 LOWER, UPPER, SSL = "lower bound", "upper bound", "semi-supervised"
 BASELINE = "SupervisedTrainer"
@@ -374,11 +373,45 @@ def metrics_file(settings: Settings, run: Run) -> Path:
     return settings.work_dir / "runs" / run.env_name / f"metrics_{run.name}.json"
 
 
-def execute(settings: Settings, ctx: Context, run: Run, log=print) -> bool:
-    """Train, predict and evaluate one run, skipping what is done. Returns False if it was already finished."""
+def _take_lock(path: Path) -> bool:
+    """A per-run lock so that several harness processes can share a work folder (e.g. one per GPU): False if a
+    live process holds it. A lock left by a dead process is taken over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text() or 0)
+                os.kill(pid, 0)
+                return False  # alive
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                path.unlink(missing_ok=True)  # stale
+                continue
+            except PermissionError:
+                return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def execute(settings: Settings, ctx: Context, run: Run, log=print) -> bool | None:
+    """Train, predict and evaluate one run, skipping what is done. Returns False if it was already finished, None
+    if another harness process is running it."""
     out = metrics_file(settings, run)
     if out.is_file():
         return False
+    lock = out.with_suffix(".lock")
+    if not _take_lock(lock):
+        return None
+    try:
+        return _execute(settings, ctx, run, out, log)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _execute(settings: Settings, ctx: Context, run: Run, out: Path, log) -> bool:
     root = setup_env(settings, ctx, run)
     hparams = hparams_for(settings, run.trainer)
     env = _env(root, hparams)
@@ -402,7 +435,7 @@ def execute(settings: Settings, ctx: Context, run: Run, log=print) -> bool:
     _run_cmd(cmd, env, logs / f"predict_{run.name}.log")
     log(f"[{run.env_name}] evaluating {run.method} ...")
     cases = evaluate_folder(pred, ctx.raw / "labelsTs", ctx.test, ctx.raw / "dataset.json",
-                            fold / "plans.json", settings.num_processes)
+                            fold.parent / "plans.json", settings.num_processes)  # nnU-Net keeps it beside the folds
     result = {"role": run.role, "trainer": run.trainer, "method": run.method, "num_labeled": run.num_labeled,
               "seed": run.seed, "hparams": hparams, "cases": cases, "training": training_cost(root, run, fold)}
     if run.role != UPPER:
@@ -444,6 +477,8 @@ def calibration_error(probabilities_file: Path, reference: np.ndarray, label_man
 
 def _evaluate_case(args) -> list[dict]:
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics, region_or_label_to_mask
+
+    from nnunet_ssl.evaluation.surface import surface_metrics
 
     case, pred_file, ref_file, rw_class, labels_or_regions, ignore_label, label_manager = args
     rw = rw_class()
@@ -696,9 +731,12 @@ def benchmark(settings: Settings, log=_log) -> Path | None:
                 log("warning: the upper bound beats the lower bound by less than 10 Dice points; unlabeled data can "
                     "hardly show an effect on this dataset (change the cohort, not the methods).")
         t = time.time()
-        if execute(settings, ctx, run, log):
+        done = execute(settings, ctx, run, log)
+        if done:
             log(f"[{i + 1}/{len(runs)}] {run.env_name} {run.method} done in {time.time() - t:.0f} s")
             write_report(settings, ctx)
+        elif done is None:
+            log(f"[{i + 1}/{len(runs)}] {run.env_name} {run.method} is being run by another process, skipped")
         else:
             log(f"[{i + 1}/{len(runs)}] {run.env_name} {run.method} already finished, skipped")
     report = write_report(settings, ctx)
