@@ -81,10 +81,14 @@ def cmd_make_cohort(args: argparse.Namespace) -> None:
         from nnunetv2.paths import nnUNet_raw
 
         raw = nnUNet_raw.require()
+    from dataclasses import replace
+
+    from nnunet_ssl.evaluation.cohort import WIDE
+
     cfg = CohortConfig(dataset_id=args.d, name=args.name, seed=args.seed, spacing=args.spacing,
                        num_narrow=args.narrow, num_wide=args.wide, num_val=args.val, num_test=args.test,
                        num_extra_unlabeled=args.extra_unlabeled, sources=tuple(args.sources),
-                       narrow_source=args.narrow_source)
+                       narrow_source=args.narrow_source, wide=replace(WIDE, t2_like_probability=args.t2_like))
     try:
         cfg.check()
     except ValueError as e:
@@ -149,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sources", nargs="+", default=["mni152", "fsaverage"], help="source anatomies of the wide "
                                                                                   "population")
     p.add_argument("--narrow-source", default="mni152", help="source anatomy of the narrow pool")
+    p.add_argument("--t2-like", type=float, default=0.0, help="share of the wide population with a T2-like "
+                                                             "contrast (grey brighter than white matter), default 0")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_make_cohort)

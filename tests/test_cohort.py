@@ -141,3 +141,14 @@ def test_real_mni152_source(tmp_path):
     assert np.median(a.image[a.labels == 2]) == pytest.approx(1.0)
     assert np.median(a.image[a.labels == 1]) < 0.9  # grey matter darker than white matter on T1
     assert any(tmp_path.glob("nilearn-0.14.1-*.whl"))
+
+
+def test_t2_like_contrast_inverts_grey_and_white(tmp_path):
+    from dataclasses import replace
+
+    cfg = _config(spacing=3.0)
+    cfg.wide = replace(cfg.wide, t2_like_probability=1.0, bias=0.0, noise=(0.0, 0.0))
+    record, image, labels = CohortBuilder(cfg, tmp_path, ANATOMIES).subject("wide", 0)
+    assert image[labels == 2].mean() < image[labels == 1].mean()  # white matter darker than grey matter
+    _, image_narrow, labels_narrow = CohortBuilder(cfg, tmp_path, ANATOMIES).subject("narrow", 0)
+    assert image_narrow[labels_narrow == 2].mean() > image_narrow[labels_narrow == 1].mean()  # narrow: T1

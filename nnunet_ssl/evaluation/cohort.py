@@ -59,6 +59,7 @@ class Population:
     intensity_scale: tuple[float, float]  # global scale ~ log-uniform(lo, hi)
     thick_slice_probability: float  # share of subjects with one axis' voxel size multiplied by a factor below
     thick_slice_factors: tuple[float, ...]
+    t2_like_probability: float = 0.0  # share of subjects with a T2-like (inverted grey/white) contrast curve
 
 
 NARROW = Population(rotation_deg=6, scaling=0.05, translation_mm=5, velocity_mm=2.5, gamma=0.08, contrast=0.03,
@@ -141,8 +142,16 @@ def _exp_velocity(velocity_mm: np.ndarray, spacing: np.ndarray, steps: int = 6) 
 CURVE_KNOTS = np.array([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 4.0], np.float32)
 
 
+T2_LIKE = np.array([0.0, 0.9, 1.0, 0.75, 0.45, 0.4, 0.4, 0.4], np.float32)  # CSF bright, grey > white matter
+
+
 def _contrast_curve(rng: np.random.Generator, pop: Population) -> tuple[np.ndarray, float]:
-    """A random monotone piecewise-linear curve (white matter stays at 1) and a gamma."""
+    """A random monotone piecewise-linear curve (white matter stays at 1) and a gamma; with probability
+    ``t2_like_probability`` a T2-like curve (dark white matter, brighter grey matter and CSF) with random jitter."""
+    if pop.t2_like_probability > 0 and rng.uniform() < pop.t2_like_probability:  # no draw when off: same cohort
+        y = T2_LIKE * np.exp(rng.normal(0.0, pop.contrast, len(T2_LIKE))).astype(np.float32)
+        y[0] = 0.0
+        return y / y.max(), float(np.exp(rng.uniform(-pop.gamma, pop.gamma)))
     slopes = np.exp(rng.normal(0.0, pop.contrast, len(CURVE_KNOTS) - 1))
     y = np.concatenate([[0.0], np.cumsum(slopes * np.diff(CURVE_KNOTS))])
     y = y / np.interp(1.0, CURVE_KNOTS, y)
