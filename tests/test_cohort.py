@@ -148,7 +148,7 @@ def test_t2_like_contrast_inverts_grey_and_white(tmp_path):
 
     cfg = _config(spacing=3.0)
     cfg.wide = replace(cfg.wide, t2_like_probability=1.0, bias=0.0, noise=(0.0, 0.0))
-    record, image, labels = CohortBuilder(cfg, tmp_path, ANATOMIES).subject("wide", 0)
+    _, image, labels = CohortBuilder(cfg, tmp_path, ANATOMIES).subject("wide", 0)
     assert image[labels == 2].mean() < image[labels == 1].mean()  # white matter darker than grey matter
     _, image_narrow, labels_narrow = CohortBuilder(cfg, tmp_path, ANATOMIES).subject("narrow", 0)
     assert image_narrow[labels_narrow == 2].mean() > image_narrow[labels_narrow == 1].mean()  # narrow: T1
