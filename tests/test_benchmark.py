@@ -1,0 +1,185 @@
+"""The benchmark harness: bad input before training, labeled-case choice, aggregation, and (slow) a whole run on the
+tiny demo dataset that is resumed without repeating finished runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import SHORT
+
+from nnunet_ssl.data.labeled_fraction import make_labeled_fraction
+from nnunet_ssl.evaluation import benchmark as bm
+
+
+def _settings(tmp_path, **kw) -> bm.Settings:
+    base = {"dataset": "971", "work_dir": tmp_path / "work", "configuration": "3d_fullres", "device": "cpu",
+            "seeds": [0], "num_labeled": [2], "trainers": ["MuSTTrainer"], "hparams": dict(SHORT),
+            "disable_tta": True}
+    base.update(kw)
+    return bm.Settings(**base)
+
+
+def _raw_dataset(root: Path, n_train=5, labels=True, test=True) -> Path:
+    folder = root / "raw" / "Dataset971_Tiny"
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (folder / sub).mkdir(parents=True)
+    img = sitk.GetImageFromArray(np.zeros((4, 4, 4), np.float32))
+    for i in range(n_train):
+        sitk.WriteImage(img, str(folder / "imagesTr" / f"c{i}_0000.nii.gz"))
+        if labels:
+            sitk.WriteImage(img, str(folder / "labelsTr" / f"c{i}.nii.gz"))
+    if test:
+        sitk.WriteImage(img, str(folder / "imagesTs" / "t0_0000.nii.gz"))
+        sitk.WriteImage(img, str(folder / "labelsTs" / "t0.nii.gz"))
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1"}, "labels": {"background": 0,
+                                                    "a": 1}, "numTraining": n_train, "file_ending": ".nii.gz"}))
+    return folder
+
+
+@pytest.fixture
+def raw_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pp"))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    return tmp_path
+
+
+def test_dataset_without_labels(raw_env):
+    _raw_dataset(raw_env, labels=False)
+    with pytest.raises(bm.BenchmarkError, match="needs a label in labelsTr"):
+        bm.prepare(_settings(raw_env), log=lambda _: None)
+
+
+def test_dataset_without_test_labels(raw_env):
+    folder = _raw_dataset(raw_env)
+    (folder / "labelsTs" / "t0.nii.gz").unlink()
+    with pytest.raises(bm.BenchmarkError, match="labelsTs"):
+        bm.prepare(_settings(raw_env), log=lambda _: None)
+
+
+def test_labeled_count_too_large(raw_env):
+    _raw_dataset(raw_env)  # 5 cases: nnU-Net's fold 0 keeps 4 for training, so at most 3 can be labeled
+    with pytest.raises(bm.BenchmarkError, match=r"labeled count 4 does not fit the labeled pool of 4.*1 to 3"):
+        bm.prepare(_settings(raw_env, num_labeled=[4]), log=lambda _: None)
+    with pytest.raises(bm.BenchmarkError, match="labeled count 0"):
+        bm.prepare(_settings(raw_env, num_labeled=[0]), log=lambda _: None)
+    assert not (raw_env / "pp").exists()  # nothing planned, nothing trained
+
+
+def test_unknown_trainer_and_bad_hparams(raw_env):
+    _raw_dataset(raw_env)
+    with pytest.raises(bm.BenchmarkError, match="unknown trainer.*NoSuchTrainer.*MuSTTrainer"):
+        bm.prepare(_settings(raw_env, trainers=["NoSuchTrainer"]), log=lambda _: None)
+    with pytest.raises(bm.BenchmarkError, match="num_epochs"):
+        bm.prepare(_settings(raw_env, hparams={"num_epochs": 0}), log=lambda _: None)
+    with pytest.raises(bm.BenchmarkError, match="temperature"):
+        bm.prepare(_settings(raw_env, trainer_hparams={"MuSTTrainer": {"temperature": -1}}), log=lambda _: None)
+
+
+def test_cli_reports_bad_input(raw_env):
+    _raw_dataset(raw_env, labels=False)
+    env = {**os.environ, "nnUNet_raw": str(raw_env / "raw"), "nnUNet_preprocessed": str(raw_env / "pp")}
+    proc = subprocess.run([str(Path(sys.executable).parent / "nnunet_ssl"), "benchmark", "-d", "971", "--work-dir",
+                           str(raw_env / "w"), "--num-labeled", "2", "--device", "cpu"], env=env,
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode != 0 and "error:" in proc.stderr and "labelsTr" in proc.stderr
+
+
+def test_same_labeled_cases_as_labeled_fraction_command(tmp_path):
+    cases = [f"case_{i:03d}" for i in range(12)]
+    (tmp_path / "splits_final.json").write_text(json.dumps([{"train": cases[:10], "val": cases[10:]}]))
+    for seed in (0, 3):
+        declared = make_labeled_fraction(tmp_path, cases, num_labeled=3, seed=seed, folds=[0])["0"]
+        assert bm._choose_labeled(cases[:10], 3, seed) == sorted(set(cases[:10]) - set(declared))
+
+
+def _result(role, trainer, k, seed, dice, hd):
+    return {"role": role, "trainer": trainer, "method": f"{role} ({trainer})" if role != bm.SSL else trainer,
+            "num_labeled": k, "seed": seed,
+            "cases": [{"case": "t0", "class": "1", "Dice": dice[0], "HD95": hd, "ASD": 1.0, "ECE": None},
+                      {"case": "t0", "class": "2", "Dice": dice[1], "HD95": hd, "ASD": 1.0, "ECE": None},
+                      {"case": "t1", "class": "1", "Dice": float("nan"), "HD95": float("nan"), "ASD": 1.0,
+                       "ECE": None}],
+            "training": {"seconds_per_iteration": 0.5, "peak_rss_mib": 100.0, "peak_cuda_mib": None}}
+
+
+def test_summary_table_and_gap():
+    results = [_result(bm.LOWER, "SupervisedTrainer", 2, 0, (0.5, 0.7), 4.0),
+               _result(bm.LOWER, "SupervisedTrainer", 2, 1, (0.6, 0.6), 6.0),
+               _result(bm.SSL, "MuSTTrainer", 2, 0, (0.7, 0.7), 3.0),
+               _result(bm.SSL, "MuSTTrainer", 2, 1, (0.7, 0.9), 3.0),
+               _result(bm.UPPER, "SupervisedTrainer", None, 0, (0.9, 0.9), 1.0),
+               _result(bm.UPPER, "SupervisedTrainer", None, 1, (0.8, 1.0), 1.0)]
+    summary = bm.summarise(results, {"1": "gm", "2": "wm"})
+    assert [r["method"] for r in summary] == ["lower bound (SupervisedTrainer)", "MuSTTrainer",
+                                              "upper bound (SupervisedTrainer)"]
+    lower = summary[0]
+    # per seed the test-set mean skips the NaN of case t1: seed 0 gm 0.5, seed 1 gm 0.6 -> 0.55 +- 0.0707
+    assert lower["Dice gm"] == pytest.approx(0.55) and lower["Dice gm std"] == pytest.approx(np.std([0.5, 0.6],
+                                                                                                       ddof=1))
+    assert lower["Dice mean"] == pytest.approx(np.mean([0.6, 0.6]))  # seed means over both classes: 0.6, 0.6
+    assert lower["HD95 wm"] == pytest.approx(5.0)
+    table = bm.markdown_table(summary, {"1": "gm", "2": "wm"})
+    assert "| lower bound (SupervisedTrainer) | 2 | 2 | 0.550 ± 0.071 |" in table
+    assert "| upper bound (SupervisedTrainer) | all | 2 |" in table
+    gap = "\n".join(bm.gap_lines(summary))
+    # upper 0.9, lower 0.6: 30 points; MuST 0.75: +15 points, half the gap
+    assert "30.0 Dice points" in gap and "MuSTTrainer: +15.0 Dice points" in gap and "50% of the gap" in gap
+
+
+@pytest.mark.slow
+def test_benchmark_runs_and_resumes(demo, tmp_path):
+    work = tmp_path / "work"
+    cmd = [str(Path(sys.executable).parent / "nnunet_ssl"), "benchmark", "-d", str(demo.dataset_id), "--work-dir",
+           str(work), "-c", "3d_fullres", "--num-labeled", "2", "--seeds", "0", "--trainers", "MuSTTrainer",
+           "--hparams", json.dumps(SHORT), "--device", "cpu", "--disable-tta", "-np", "1"]
+    first = demo.run(*cmd)
+    runs = work / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["all_seed0", "n2_seed0"]
+    labeled = json.loads((runs / "n2_seed0" / "labeled_cases.json").read_text())["labeled"]
+    assert len(labeled) == 2
+    declared = json.loads((runs / "n2_seed0" / "nnUNet_preprocessed" / demo.name / "ssl_unlabeled_cases.json")
+                          .read_text())["0"]
+    assert len(declared) == 2 and not set(declared) & set(labeled)  # fold 0 has 4 training cases
+    assert not (runs / "all_seed0" / "nnUNet_preprocessed" / demo.name / "ssl_unlabeled_cases.json").exists()
+    lower_log = next((runs / "n2_seed0" / "nnUNet_results").rglob("SupervisedTrainer*/fold_0/training_log_*.txt"))
+    assert "2 labeled training case(s) remain" in lower_log.read_text()
+    metrics = sorted(runs.glob("*/metrics_*.json"))
+    assert [p.name for p in metrics] == ["metrics_upper_SupervisedTrainer.json", "metrics_MuSTTrainer.json",
+                                         "metrics_lower_SupervisedTrainer.json"]
+    for m in metrics:
+        r = json.loads(m.read_text())
+        assert len(r["cases"]) == 2 * 2  # 2 test cases x 2 classes
+        assert all(0 <= c["Dice"] <= 1 and c["HD95"] >= 0 for c in r["cases"] if np.isfinite(c["Dice"]))
+        assert r["training"]["seconds_per_iteration"] > 0 and r["training"]["peak_rss_mib"] > 0
+    with open(work / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * 4 and {r["method"] for r in rows} == {
+        "lower bound (SupervisedTrainer)", "MuSTTrainer", "upper bound (SupervisedTrainer)"}
+    table = (work / "benchmark.md").read_text()
+    assert "| MuSTTrainer | 2 | 1 |" in table and "Dice points" in table
+    assert (work / "dice_per_trainer.png").stat().st_size > 0 and (work / "summary.csv").is_file()
+    assert first.stdout.count("done in") == 3
+
+    # resume: nothing finished is repeated; a run that lost only its evaluation is predicted and evaluated again,
+    # without training
+    checkpoints = {p: p.stat().st_mtime_ns for p in runs.rglob("checkpoint_final.pth")}
+    (runs / "n2_seed0" / "metrics_MuSTTrainer.json").unlink()
+    second = demo.run(*cmd)
+    assert second.stdout.count("already finished, skipped") == 2 and second.stdout.count("done in") == 1
+    assert "training MuSTTrainer" not in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("checkpoint_final.pth")} == checkpoints
+    assert (runs / "n2_seed0" / "metrics_MuSTTrainer.json").is_file()
+
+    # other settings in the same work folder are refused before anything runs
+    bad = demo.run(*[a if a != json.dumps(SHORT) else json.dumps({**SHORT, "num_epochs": 2}) for a in cmd],
+                   check=False)
+    assert bad.returncode != 0 and "other settings" in bad.stderr and "hparams" in bad.stderr
