@@ -21,7 +21,8 @@ def make(monkeypatch, tmp_path):
     """``make(env, hparams)``: an initialized POPCORNTrainer on fold 0 of ``env`` (results in a temporary folder,
     single-threaded data loading)."""
 
-    def _make(env, hparams: dict | None = None, batch_size: int | None = None, initialize: bool = True):
+    def _make(env, hparams: dict | None = None, batch_size: int | None = None, initialize: bool = True,
+              configuration: str = "3d_fullres"):
         for k, v in env.vars.items():
             monkeypatch.setenv(k, v)
         monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
@@ -29,9 +30,9 @@ def make(monkeypatch, tmp_path):
         monkeypatch.setenv("nnUNet_ssl_hparams", json.dumps(hparams or {}))
         plans = {**json.loads((env.pp / "nnUNetPlans.json").read_text()), "continue_training": False}
         if batch_size is not None:
-            plans["configurations"]["3d_fullres"]["batch_size"] = batch_size
+            plans["configurations"][configuration]["batch_size"] = batch_size
         dataset_json = json.loads((env.pp / "dataset.json").read_text())
-        trainer = POPCORNTrainer(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+        trainer = POPCORNTrainer(plans, configuration, 0, dataset_json, torch.device("cpu"))
         if initialize:
             trainer.initialize()
         return trainer
@@ -234,6 +235,7 @@ def test_bad_settings_fail_before_training(demo, make):
         make(demo, batch_size=1)
 
 
+@pytest.mark.slow
 def test_regions_and_ignore_label_across_a_round(demo_regions_ignore, make):
     env = demo_regions_ignore
     trainer = make(env, {"num_epochs": 2, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1})
@@ -251,3 +253,33 @@ def test_regions_and_ignore_label_across_a_round(demo_regions_ignore, make):
         # the key nnU-Net's loader uses for 'annotated' voxels on ignore-label datasets
         assert (-1, *trainer.label_manager.all_labels) in props["class_locations"]
     assert (trainer.store.folder.parent / "checkpoint_final.pth").exists()
+
+
+def test_2d_configuration_across_a_round(demo, make):
+    trainer = make(demo, {"num_epochs": 5, "selection_size": 1}, configuration="2d")
+    patch = trainer.configuration_manager.patch_size
+    assert len(patch) == 2
+    trainer.unlabeled_identifiers = trainer.prepare_unlabeled_data()
+    # 2d tiles are slices of the 3d image: the representation is the mean over slices and positions
+    case = trainer.unlabeled_identifiers[0]
+    image = torch.from_numpy(np.asarray(trainer.unlabeled_images().load_case(case)[0][:], dtype=np.float32))
+    assert tuple(image.shape[2:]) == tuple(patch)  # one tile per slice
+    trainer.network.eval()
+    with torch.no_grad():
+        expected = trainer.network.encoder(image.movedim(1, 0))[-1].mean((0, 2, 3)).numpy()
+    assert np.allclose(trainer.latent_representations([], [case])[case], expected, atol=1e-5)
+
+    # pairs of 2d patches through the loss
+    trainer.network.train()
+    batch = next(trainer.get_paired_training_dataloader())
+    assert batch["data"].shape[2:] == tuple(patch)
+    losses = trainer.compute_losses(batch["data"], batch["target"])
+    assert all(torch.isfinite(v) for v in losses.values())
+    # the first of 4 rounds (E1 = 1, one case per round) on 2d tiles
+    trainer.dataloader_train = trainer.get_paired_training_dataloader()
+    trainer.current_epoch = 1
+    trainer.on_train_epoch_start()
+    assert len(trainer.pseudo_labeled_cases()) == 1 and trainer.schedule.round_epochs == [1, 2, 3, 4]
+    selected = trainer.pseudo_labeled_cases()[0]
+    seg, _ = trainer.store.load(selected)
+    assert seg.shape == (1, *trainer.unlabeled_images().load_case(selected)[0].shape[1:])

@@ -62,6 +62,10 @@ from nnunet_ssl.training.pseudo_labels import (
 from nnunet_ssl.training.supervised import CUDA, SCHEDULE_HPARAMS
 
 STATE_FILE = "popcorn_state.json"
+# Tiles for the latent representations: nnU-Net's tiling with step 1 (tiles overlap only where the image size is
+# not a multiple of the patch size) covers every voxel about equally often, with ~1/8 of the tiles of a
+# prediction (step 0.5) in 3d; the Gaussian blending that step 0.5 serves is not needed for an average.
+REPRESENTATION_TILE_STEP = 1.0
 PSEUDO_LABEL_FOLDER = "popcorn_pseudo_labels"
 
 POPCORN_HPARAMS: dict[str, HParam] = {
@@ -287,14 +291,15 @@ class POPCORNTrainer(SemiSupervisedTrainer):
     @torch.no_grad()
     def latent_representations(self, labeled: list[str], unlabeled: list[str]) -> dict[str, np.ndarray]:
         """h of each whole preprocessed image: the bottleneck feature maps of nnU-Net's sliding-window tiles
-        (step 0.5, no mirroring), averaged over tiles and positions (one vector of bottleneck channels per case).
+        (``REPRESENTATION_TILE_STEP``, no mirroring), averaged over tiles and positions (one vector of bottleneck
+        channels per case).
         Under DDP each rank encodes every world-size-th case and the results are gathered."""
         rank, world = (self.local_rank, dist.get_world_size()) if self.is_ddp else (0, 1)
         jobs = [(c, True) for c in labeled] + [(c, False) for c in unlabeled]
         datasets = {True: self.labeled_images(), False: self.unlabeled_images()}
         reps: dict[str, np.ndarray] = {}
         with inference_mode(self) as network:
-            predictor = make_predictor(self, network)
+            predictor = make_predictor(self, network, tile_step_size=REPRESENTATION_TILE_STEP)
             encoder = self.unwrapped_network()
             autocast = torch.autocast(self.device.type) if self.device.type == "cuda" else dummy_context()
             for case, is_labeled in jobs[rank::world]:
