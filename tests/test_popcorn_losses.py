@@ -101,3 +101,25 @@ def test_objective_eq5_for_a_pair():
     # eq. 5 for one pair: L_seg(i) + L_seg(j) + alpha L_reg = 0.8 + 0.6 + 0.2 * 0.5 = 1.5; nnU-Net's batch loss
     # is (0.8 + 0.6) / 2 = 0.7, and the objective is eq. 5 / 2 = 0.75
     assert popcorn_objective(torch.tensor(0.7), torch.tensor(0.5), 0.2).item() == pytest.approx(1.5 / 2)
+
+
+def test_training_pass_compiles_to_one_graph():
+    """The network's training forward (outputs and h(X)) and eq. 2-5 trace without graph breaks, as under
+    nnU-Net's torch.compile on CUDA (traced here with the aot_eager backend on the CPU)."""
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    from nnunet_ssl.methods.popcorn.network import POPCORNNetwork
+
+    net = POPCORNNetwork(PlainConvUNet(1, 3, (8, 16, 32), torch.nn.Conv3d, 3, (1, 2, 2), 2, 3, (2, 2), True,
+                                       torch.nn.InstanceNorm3d, {"affine": True}, None, None, torch.nn.LeakyReLU,
+                                       {"inplace": True}, deep_supervision=True))
+
+    def step(x, target):
+        out, h = net(x, return_bottleneck=True)
+        reg = bottleneck_consistency_loss(h, pair_similarity(target, 3, False, 3))
+        return popcorn_objective(out[0].mean(), reg, 0.2)
+
+    x = torch.randn(4, 1, 16, 16, 16)
+    target = torch.randint(0, 4, (4, 1, 16, 16, 16))
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    assert torch.allclose(compiled(x, target), step(x, target), atol=1e-5)
