@@ -51,6 +51,8 @@ from nnunet_ssl.methods.popcorn.selection import (
 from nnunet_ssl.training.base import SemiSupervisedTrainer
 from nnunet_ssl.training.hparams import HParam, HParamError
 from nnunet_ssl.training.pseudo_labels import (
+    PROPERTIES_SUFFIX,
+    SEG_SUFFIX,
     CombinedDataset,
     PseudoLabeledDataset,
     PseudoLabelStore,
@@ -223,10 +225,10 @@ class POPCORNTrainer(SemiSupervisedTrainer):
         if self.local_rank == 0:
             maybe_mkdir_p(str(self.store.folder))
             for f in self.store.folder.iterdir():
-                stray = f.name.startswith(".") and f.name.endswith(".tmp")
-                case = f.name[: -len("_seg.b2nd")] if f.name.endswith("_seg.b2nd") else f.name[: -len(".pkl")] \
-                    if f.name.endswith(".pkl") else None
-                if stray or (case is not None and case not in named):
+                case = next((f.name[: -len(suffix)] for suffix in (SEG_SUFFIX, PROPERTIES_SUFFIX)
+                             if f.name.endswith(suffix)), None)
+                interrupted_write = f.name.startswith(".") and f.name.endswith(".tmp")
+                if interrupted_write or (case is not None and case not in named):
                     f.unlink()
         if self.is_ddp:
             dist.barrier()
