@@ -3,10 +3,17 @@
 Both trainers are built from the same plans and configuration (same network, patch size and batch size) in one
 process and fed identical synthetic batches, so the figures compare the compute of an iteration (forward,
 losses, backward, optimizer step; mixed precision and torch.compile on CUDA as nnU-Net does), not data loading,
-which runs in background workers for both. The semi-supervised trainer also draws an unlabeled batch of the
-labeled batch size. Inference (the network in eval mode, no deep supervision) is timed too.
+which runs in background workers for both. A semi-supervised trainer that draws unlabeled batches gets one of
+the labeled batch size (POPCORNTrainer draws none: its pairs are in the labeled batch). Inference (the network
+in eval mode, no deep supervision) is timed too.
 
     python examples/benchmark_iteration.py -d 990 -c 3d_fullres [--trainer MuSTTrainer] [--iterations 20]
+    python examples/benchmark_iteration.py -d 990 --trainer POPCORNTrainer --selection-round
+
+``--selection-round`` (trainers with selection rounds, POPCORNTrainer) also times one round on the dataset's real
+preprocessed cases (nnUNet_raw must be set: the unlabeled images are checked and preprocessed first): the latent
+representation of every labeled training case and every unlabeled case, the proximity graph, and the
+pseudo-labels of the selected cases, reported per case.
 
 Peak memory is CUDA's max_memory_allocated on a GPU, and the growth of the peak resident set size (VmHWM) over
 the resident size before the timed iterations on a CPU.
@@ -97,9 +104,36 @@ def measure(trainer_cls, plans: dict, configuration: str, dataset_json: dict, de
             trainer.network(x)
         sync()
     inference = (time.perf_counter() - start) / iterations
+    unlabeled = (trainer.hparams["unlabeled_batch_size"] or trainer.batch_size) \
+        if getattr(trainer, "draws_unlabeled_batches", False) else 0
     return {"trainer": trainer_cls.__name__, "seconds_per_iteration": seconds, "peak_memory_mib": peak_mib,
             "inference_seconds_per_patch": inference, "batch_size": trainer.batch_size,
-            "patch_size": list(trainer.configuration_manager.patch_size)}
+            "unlabeled_batch_size": unlabeled, "patch_size": list(trainer.configuration_manager.patch_size)}
+
+
+def measure_selection_round(trainer_cls, plans: dict, configuration: str, dataset_json: dict,
+                            device: torch.device) -> dict:
+    """One selection round of a freshly initialised trainer on all unlabeled cases (the first round: the most
+    candidates), with the trainer's default selection size."""
+    trainer = trainer_cls(plans={**deepcopy(plans), "continue_training": False}, configuration=configuration,
+                          fold=0, dataset_json=dataset_json, device=device)
+    trainer.initialize()
+    trainer.unlabeled_identifiers = trainer.prepare_unlabeled_data()
+    trainer.dataloader_train = trainer.get_paired_training_dataloader()
+    trainer.current_epoch = trainer.schedule.first_step_epochs
+    try:
+        start = time.perf_counter()
+        record = trainer.selection_round()  # includes rebuilding the training loader, as in training
+        seconds = time.perf_counter() - start
+    finally:
+        if hasattr(trainer.dataloader_train, "_finish"):
+            trainer.dataloader_train._finish()
+    encoded = record["training_cases"] + record["candidates"]
+    return {"seconds_round": seconds, "unlabeled_candidates": record["candidates"], "cases_encoded": encoded,
+            "selected": len(record["selected"]),
+            "seconds_per_encoded_case": record["seconds_representations"] / encoded,
+            "seconds_per_pseudo_label": record["seconds_pseudo_labels"] / len(record["selected"]),
+            "seconds_round_per_unlabeled_case": seconds / record["candidates"]}
 
 
 def main() -> None:
@@ -112,6 +146,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first (torch.compile, caches)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--selection-round", action="store_true",
+                        help="also time one selection round (trainers with selection rounds, e.g. POPCORNTrainer)")
     args = parser.parse_args()
 
     from nnunetv2.paths import nnUNet_preprocessed
@@ -132,8 +168,9 @@ def main() -> None:
     base, ssl = results
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"
-    print(f"{name} {args.c}: patch {base['patch_size']}, batch {base['batch_size']} labeled"
-          f" (+{ssl['batch_size']} unlabeled for {ssl['trainer']}), {hardware}, torch {torch.__version__}")
+    extra = f" (+{ssl['unlabeled_batch_size']} unlabeled for {ssl['trainer']})" if ssl["unlabeled_batch_size"] else ""
+    print(f"{name} {args.c}: patch {base['patch_size']}, batch {base['batch_size']} labeled{extra}, {hardware}, "
+          f"torch {torch.__version__}")
     print(f"{'trainer':<16}{'s/iteration':>14}{'peak MiB':>12}{'inference s/patch':>20}")
     for r in results:
         print(f"{r['trainer']:<16}{r['seconds_per_iteration']:>14.3f}{r['peak_memory_mib']:>12.0f}"
@@ -142,9 +179,16 @@ def main() -> None:
                                                  "inference_seconds_per_patch")}
     print(f"{'ratio':<16}{ratios['seconds_per_iteration']:>13.2f}x{ratios['peak_memory_mib']:>11.2f}x"
           f"{ratios['inference_seconds_per_patch']:>19.2f}x")
+    summary = {"hardware": hardware, "results": results, "ratios": ratios}
+    if args.selection_round:
+        r = measure_selection_round(TRAINERS[args.trainer], plans, args.c, dataset_json, device)
+        summary["selection_round"] = r
+        print(f"selection round: {r['seconds_round']:.2f} s for {r['unlabeled_candidates']} unlabeled candidates "
+              f"({r['seconds_round_per_unlabeled_case']:.3f} s per unlabeled case): {r['cases_encoded']} latent "
+              f"representations at {r['seconds_per_encoded_case']:.3f} s/case, {r['selected']} pseudo-labels at "
+              f"{r['seconds_per_pseudo_label']:.3f} s/case")
     if args.json:
-        Path(args.json).write_text(json.dumps({"hardware": hardware, "results": results, "ratios": ratios},
-                                              indent=2))
+        Path(args.json).write_text(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

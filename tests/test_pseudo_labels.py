@@ -23,6 +23,7 @@ from nnunet_ssl.training.pseudo_labels import (
     predict_logits,
     predict_pseudo_labels,
     segmentation_from_logits,
+    sliding_window_tiles,
 )
 from nnunet_ssl.training.supervised import SupervisedTrainer
 
@@ -122,3 +123,30 @@ def test_predict_with_nnunet_predictor_and_load_through_nnunet_loader(demo, trai
     assert batch["data"].shape == (4, 1, *patch) and batch["target"].shape == (4, 1, *patch)
     with pytest.raises(ValueError, match="in more than one dataset"):
         CombinedDataset([labeled, labeled])
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for the network: records every input and returns zero logits of the right shape."""
+
+    def __init__(self, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.inputs.append(x.clone())
+        return torch.zeros((x.shape[0], self.num_heads, *x.shape[2:]))
+
+
+@pytest.mark.parametrize("shape", [(1, 40, 30, 50), (1, 10, 12, 9)])  # several tiles; smaller than the patch
+def test_sliding_window_tiles_are_the_predictors_tiles(trainer, shape):
+    image = torch.randn(shape)
+    recorder = _Recorder(trainer.label_manager.num_segmentation_heads)
+    predictor = make_predictor(trainer, recorder)
+    predictor.predict_sliding_window_return_logits(image)
+    fed = torch.cat(recorder.inputs)
+    for batch_size in (1, 3):
+        tiles = list(sliding_window_tiles(predictor, image, batch_size))
+        assert all(t.shape[0] <= batch_size for t in tiles)
+        assert torch.equal(torch.cat(tiles), fed)  # same tiles, same order, same padding
+    assert fed.shape[2:] == tuple(trainer.configuration_manager.patch_size)

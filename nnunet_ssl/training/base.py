@@ -51,6 +51,9 @@ SSL_HPARAMS: dict[str, HParam] = {
 
 class SemiSupervisedTrainer(SupervisedTrainer):
     hparam_spec: ClassVar[dict[str, HParam]] = SSL_HPARAMS
+    # False for methods that train on labeled (and pseudo-labeled) batches only: no unlabeled loader is built and
+    # ``compute_losses`` gets ``data_unlabeled=None``; the unlabeled images are still checked and preprocessed.
+    draws_unlabeled_batches: ClassVar[bool] = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = CUDA):
@@ -137,7 +140,8 @@ class SemiSupervisedTrainer(SupervisedTrainer):
     def on_train_start(self):
         self.unlabeled_identifiers = self.prepare_unlabeled_data()
         super().on_train_start()
-        self.dataloader_unlabeled = self.get_unlabeled_dataloader()
+        if self.draws_unlabeled_batches:
+            self.dataloader_unlabeled = self.get_unlabeled_dataloader()
 
     def shutdown_unlabeled_dataloader(self) -> None:
         if isinstance(self.dataloader_unlabeled, NonDetMultiThreadedAugmenter):
@@ -147,7 +151,8 @@ class SemiSupervisedTrainer(SupervisedTrainer):
     def restart_unlabeled_dataloader(self) -> None:
         """Rebuild the unlabeled loader, e.g. after ``unlabeled_dataset()`` changed (its workers hold a copy)."""
         self.shutdown_unlabeled_dataloader()
-        self.dataloader_unlabeled = self.get_unlabeled_dataloader()
+        if self.draws_unlabeled_batches:
+            self.dataloader_unlabeled = self.get_unlabeled_dataloader()
 
     def on_train_end(self):
         super().on_train_end()
@@ -160,8 +165,9 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             self.shutdown_unlabeled_dataloader()
 
     # ---------------------------------------------------------------- the iteration
-    def compute_losses(self, data: torch.Tensor, target, data_unlabeled: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Return ``{'loss': total, <name>: part, ...}``; the parts named in ``extra_log_keys`` are logged."""
+    def compute_losses(self, data: torch.Tensor, target, data_unlabeled: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Return ``{'loss': total, <name>: part, ...}``; the parts named in ``extra_log_keys`` are logged.
+        ``data_unlabeled`` is None when the class sets ``draws_unlabeled_batches = False``."""
         raise NotImplementedError(f"{type(self).__name__} must implement compute_losses")
 
     def after_optimizer_step(self) -> None:
@@ -176,7 +182,8 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
-        data_u = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True)
+        data_u = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True) \
+            if self.draws_unlabeled_batches else None
 
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():

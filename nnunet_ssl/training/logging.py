@@ -36,7 +36,8 @@ class SSLLocalLogger(LocalLogger):
         ax.set_ylabel("semi-supervised losses")
         ax2.set_ylabel("ramp weight")
         ax.legend(loc=(0, 1))
-        ax2.legend(loc=(0.4, 1))
+        if any(k.endswith("_weight") for k in self.extra_keys):  # no empty legend (and its warning) otherwise
+            ax2.legend(loc=(0.4, 1))
 
     def plot_progress_png(self, output_folder):
         if not self.extra_keys:

@@ -9,6 +9,8 @@ the current model and train on them later. Shared here:
 - ``segmentation_from_logits``: the label map nnU-Net would export (argmax, or regions thresholded at 0.5 and
   mapped back with ``regions_class_order``), at the preprocessed resolution, with -1 outside the nonzero mask
   exactly like nnU-Net's preprocessed ``_seg`` arrays;
+- ``sliding_window_tiles``: the tiles nnU-Net's sliding-window prediction feeds the network (same padding, same
+  slicers), for methods that need per-tile network outputs other than logits (e.g. encoder features);
 - ``PseudoLabelStore``: a folder of ``{case}_seg.b2nd`` + ``{case}.pkl`` (the image's properties with
   ``class_locations`` sampled from the pseudo-label, so nnU-Net's foreground oversampling works), each file written
   to a temporary name and renamed;
@@ -21,13 +23,14 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import blosc2
 import numpy as np
 import torch
+from acvl_utils.cropping_and_padding.padding import pad_nd_image
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetBaseDataset, nnUNetDatasetBlosc2
@@ -75,6 +78,19 @@ def predict_logits(predictor: nnUNetPredictor, data: np.ndarray) -> torch.Tensor
     """Sliding-window logits (C, *spatial) of a preprocessed case (C_in, *spatial), on the CPU in fp32."""
     image = torch.from_numpy(np.ascontiguousarray(data[:], dtype=np.float32))
     return predictor.predict_sliding_window_return_logits(image).float().cpu()
+
+
+def sliding_window_tiles(predictor: nnUNetPredictor, image: torch.Tensor, batch_size: int = 1) \
+        -> Iterator[torch.Tensor]:
+    """The tiles that ``predictor.predict_sliding_window_return_logits`` feeds the network for ``image``
+    (C, *spatial), in its order, stacked ``batch_size`` at a time (the last batch may be smaller): the image
+    zero-padded to at least the patch size with ``pad_nd_image`` and cut with the predictor's
+    ``_internal_get_sliding_window_slicers`` (its ``tile_step_size``; 2d configurations slice 3d images). Tiles are
+    on the image's device; no mirroring."""
+    data, _ = pad_nd_image(image, predictor.configuration_manager.patch_size, "constant", {"value": 0}, True, None)
+    slicers = predictor._internal_get_sliding_window_slicers(data.shape[1:])
+    for start in range(0, len(slicers), batch_size):
+        yield torch.stack([data[s] for s in slicers[start:start + batch_size]])
 
 
 def segmentation_from_logits(logits: torch.Tensor, label_manager: LabelManager,

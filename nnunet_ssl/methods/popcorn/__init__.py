@@ -1,0 +1,1 @@
+"""POPCORN: progressive pseudo-labeling with consistency regularization and neighboring (paper 002)."""

@@ -1,0 +1,77 @@
+"""POPCORN's proximity graph (eq. 6), selection (eq. 7) and default schedule."""
+
+import math
+
+import numpy as np
+import pytest
+
+from nnunet_ssl.methods.popcorn.selection import (
+    ScheduleError,
+    derive_schedule,
+    proximity_matrix,
+    proximity_scores,
+    select_closest,
+)
+
+
+def test_proximity_matrix_eq6_by_hand():
+    unlabeled = np.array([[0.0, 0.0], [3.0, 4.0]])
+    training = np.array([[3.0, 0.0], [0.0, 4.0], [3.0, 4.0]])
+    expected = np.array([[3.0, 4.0, 5.0], [4.0, 3.0, 0.0]])  # Euclidean, not squared
+    assert np.allclose(proximity_matrix(unlabeled, training), expected)
+
+
+def test_selection_eq7_on_a_hand_made_matrix():
+    cases = ["u_a", "u_b", "u_c", "u_d"]
+    #              t0   t1   t2
+    p = np.array([[1.0, 5.0, 2.0],   # p=2: 1 + 2 = 3
+                  [4.0, 0.5, 0.5],   # 1
+                  [2.0, 1.0, 9.0],   # 3 (tie with u_a)
+                  [0.1, 7.0, 8.0]])  # 7.1
+    scores = proximity_scores(p, 2)
+    assert np.allclose(scores, [3.0, 1.0, 3.0, 7.1])
+    assert [cases[i] for i in select_closest(scores, cases, 2)] == ["u_b", "u_a"]  # tie: by identifier
+    assert [cases[i] for i in select_closest(scores, cases, 3)] == ["u_b", "u_a", "u_c"]
+    # the tie is broken by identifier, not by position in the list
+    rev = cases[::-1]
+    assert [rev[i] for i in select_closest(scores[::-1], rev, 2)] == ["u_b", "u_a"]
+    # p = 1: the nearest training case only
+    assert [cases[i] for i in select_closest(proximity_scores(p, 1), cases, 1)] == ["u_d"]
+    # p larger than the training set: the sum over all three
+    assert np.allclose(proximity_scores(p, 5), p.sum(1))
+    assert [cases[i] for i in select_closest(proximity_scores(p, 5), cases, 4)] == ["u_b", "u_a", "u_c", "u_d"]
+    # K larger than what is left: all of them
+    assert len(select_closest(scores, cases, 10)) == 4
+
+
+def test_default_schedule_integrates_everything():
+    # the paper's scale: M = 2901 unlabeled, nnU-Net's 1000 epochs
+    s = derive_schedule(2901, 1000)
+    assert s.first_step_epochs == 250 and s.selection_size == math.ceil(2901 / 15) and s.num_rounds == 15
+    assert s.epochs_per_round == 750 // 15 and s.round_epochs[-1] + s.epochs_per_round <= 1000
+    for m in (1, 4, 14, 15, 16, 100, 3000):
+        for epochs in (2, 3, 4, 7, 50, 1000):
+            s = derive_schedule(m, epochs)
+            assert s.selection_size * s.num_rounds >= m > s.selection_size * (s.num_rounds - 1)
+            assert s.epochs_per_round >= 1 and 1 <= s.first_step_epochs < epochs
+            assert s.round_epochs[-1] + s.epochs_per_round <= epochs  # the last cases get N epochs too
+            assert s.round_epochs == sorted(set(s.round_epochs))  # at most one round per epoch
+    # a small run: 4 unlabeled, 4 epochs -> E1 = 1, K = ceil(4 / 3) = 2, 2 rounds at epochs 1 and 2
+    s = derive_schedule(4, 4)
+    assert (s.first_step_epochs, s.selection_size, s.num_rounds, s.epochs_per_round) == (1, 2, 2, 1)
+    assert s.round_epochs == [1, 2]
+
+
+def test_explicit_schedule_values_are_kept_or_rejected():
+    s = derive_schedule(10, 100, selection_size=3, epochs_per_round=5, first_step_epochs=40, num_neighbors=2)
+    assert s.num_rounds == 4 and s.round_epochs == [40, 45, 50, 55] and s.num_neighbors == 2
+    s = derive_schedule(10, 100, selection_size=3)
+    assert s.epochs_per_round == 75 // 4
+    with pytest.raises(ScheduleError, match="last round would start at epoch 100"):
+        derive_schedule(10, 100, selection_size=1, epochs_per_round=10, first_step_epochs=10)
+    with pytest.raises(ScheduleError, match="selection_size"):
+        derive_schedule(10, 5, selection_size=1)  # 10 rounds in 4 epochs
+    with pytest.raises(ScheduleError, match="first_step_epochs = 5"):
+        derive_schedule(10, 5, first_step_epochs=5)
+    with pytest.raises(ScheduleError, match="num_epochs >= 2"):
+        derive_schedule(10, 1)
