@@ -158,6 +158,11 @@ class SemiSupervisedTrainer(SupervisedTrainer):
     def after_optimizer_step(self) -> None:
         """Called after every optimizer step (EMA teachers update here)."""
 
+    def next_unlabeled_batch(self) -> dict:
+        """The unlabeled loader's next batch (``data``, ``target``, ``keys``, on the CPU). Override to use more than
+        the images (pseudo-labels arrive in ``target``) or to draw no batch at times (an empty ``data``)."""
+        return next(self.dataloader_unlabeled)
+
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
         self._step_in_epoch = 0
@@ -167,7 +172,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
-        data_u = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True)
+        data_u = self.next_unlabeled_batch()["data"].to(self.device, non_blocking=True)
 
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
