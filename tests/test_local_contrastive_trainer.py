@@ -115,7 +115,7 @@ def test_refresh_with_filter_and_state_in_process_2d(demo, monkeypatch):
     # Table VII: the agreement of the plain and the mirrored prediction decides which cases are used
     assert sorted(selection["agreement_dice"]) == cases
     assert selection["cases"] == [c for c in cases if selection["agreement_dice"][c] > 0.5] == trainer.pseudo_label_cases
-    log = trainer.logger.my_fantastic_logging
+    log = trainer.logger.get_checkpoint()
     assert log["loss_contrastive"][0] == 0 and log["contrastive_weight"] == [0.0, pytest.approx(0.1)]
     assert np.isfinite(log["loss_contrastive"][1]) and log["loss_contrastive"][1] > 0
 

@@ -18,16 +18,19 @@ EMBEDDING_DIM = 16  # D of section IV.E; fixed, since the predictor rebuilds the
 
 
 class ProjectionHead(nn.Module):
-    """h_phi: 1x1 convolution, normalisation, nonlinearity, 1x1 convolution (the planned network's op types)."""
+    """h_phi: 1x1 convolution, normalisation, nonlinearity, 1x1 convolution (the planned network's op types), D
+    channels each."""
 
     def __init__(self, conv_op: type[nn.Module], in_channels: int, out_channels: int = EMBEDDING_DIM,
                  conv_bias: bool = True, norm_op: type[nn.Module] | None = None, norm_op_kwargs: dict | None = None,
                  nonlin: type[nn.Module] | None = None, nonlin_kwargs: dict | None = None):
         super().__init__()
-        self.conv1 = conv_op(in_channels, in_channels, 1, 1, 0, bias=conv_bias)
-        self.norm = norm_op(in_channels, **(norm_op_kwargs or {})) if norm_op is not None else nn.Identity()
+        # both layers D wide, as in the paper's code (where D equals the decoder's last width); a wider first layer
+        # would cost memory at full resolution for nothing the paper asks for
+        self.conv1 = conv_op(in_channels, out_channels, 1, 1, 0, bias=conv_bias)
+        self.norm = norm_op(out_channels, **(norm_op_kwargs or {})) if norm_op is not None else nn.Identity()
         self.nonlin = nonlin(**(nonlin_kwargs or {})) if nonlin is not None else nn.Identity()
-        self.conv2 = conv_op(in_channels, out_channels, 1, 1, 0, bias=True)
+        self.conv2 = conv_op(out_channels, out_channels, 1, 1, 0, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(self.nonlin(self.norm(self.conv1(x))))
