@@ -17,11 +17,18 @@ pseudo-labels of the selected cases, reported per case.
 
 Peak memory is CUDA's max_memory_allocated on a GPU, and the growth of the peak resident set size (VmHWM) over
 the resident size before the timed iterations on a CPU.
+
+LocalContrastiveTrainer is timed after its first pseudo-labels (labeled and pseudo-labeled patches through the
+network, the local contrastive loss), the expensive phase; the script then also times one pseudo-label refresh
+(nnU-Net's sliding-window prediction of every unlabeled case of the dataset, preprocessed first if needed, which
+needs nnUNet_raw) and reports it per case, plain and with the Table VII filter's mirrored second prediction.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import tempfile
@@ -40,6 +47,16 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def _release_freed_memory() -> None:
+    """Return memory freed by earlier iterations (or the other trainer) to the OS, so that the resident size before
+    the timed iterations counts live memory only (glibc keeps freed heap memory otherwise)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak_rss() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # Linux: resets VmHWM to the current resident size
@@ -50,7 +67,9 @@ def synthetic_batch(trainer, generator: torch.Generator) -> dict:
     shape = (trainer.batch_size, trainer.num_input_channels, *cm.patch_size)
     data = torch.randn(shape, generator=generator)
     scales = trainer._get_deep_supervision_scales() or [[1.0] * len(cm.patch_size)]
-    channels = len(lm.foreground_regions) if lm.has_regions else 1
+    channels = 1
+    if lm.has_regions:  # region channels, the ignore channel, and LocalContrastiveTrainer's outside-mask channel
+        channels = len(lm.foreground_regions) + lm.has_ignore_label + hasattr(trainer, "outside_value")
     targets = []
     for s in scales:
         size = [round(p * f) for p, f in zip(cm.patch_size, s)]
@@ -68,8 +87,10 @@ def measure(trainer_cls, plans: dict, configuration: str, dataset_json: dict, de
     g = torch.Generator().manual_seed(0)
     batches = [synthetic_batch(trainer, g) for _ in range(4)]
     if hasattr(trainer, "dataloader_unlabeled"):
-        unlabeled = [{"data": b["data"].flip(0)} for b in batches]
+        unlabeled = [{"data": b["data"].flip(0), "target": _full_resolution(b["target"]).flip(0)} for b in batches]
         trainer.dataloader_unlabeled = iter(unlabeled * (iterations + warmup))
+    if hasattr(trainer, "pseudo_label_round"):
+        trainer.pseudo_label_round = 1  # LocalContrastiveTrainer after its first pseudo-labels
     trainer.on_train_epoch_start()
 
     def sync():
@@ -82,6 +103,7 @@ def measure(trainer_cls, plans: dict, configuration: str, dataset_json: dict, de
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     else:
+        _release_freed_memory()
         base = _rss_kib("VmRSS")
         _reset_peak_rss()
     start = time.perf_counter()
@@ -106,9 +128,36 @@ def measure(trainer_cls, plans: dict, configuration: str, dataset_json: dict, de
     inference = (time.perf_counter() - start) / iterations
     unlabeled = (trainer.hparams["unlabeled_batch_size"] or trainer.batch_size) \
         if getattr(trainer, "draws_unlabeled_batches", False) else 0
-    return {"trainer": trainer_cls.__name__, "seconds_per_iteration": seconds, "peak_memory_mib": peak_mib,
-            "inference_seconds_per_patch": inference, "batch_size": trainer.batch_size,
-            "unlabeled_batch_size": unlabeled, "patch_size": list(trainer.configuration_manager.patch_size)}
+    result = {"trainer": trainer_cls.__name__, "seconds_per_iteration": seconds, "peak_memory_mib": peak_mib,
+              "inference_seconds_per_patch": inference, "batch_size": trainer.batch_size,
+              "unlabeled_batch_size": unlabeled, "patch_size": list(trainer.configuration_manager.patch_size)}
+    if hasattr(trainer, "refresh_pseudo_labels"):
+        result.update(measure_refresh(trainer))
+    return result
+
+
+def _full_resolution(target):
+    return target[0] if isinstance(target, list) else target
+
+
+def measure_refresh(trainer) -> dict:
+    """Seconds per unlabeled case of one pseudo-label refresh (nnU-Net's sliding window on the preprocessed case,
+    label map written to the fold folder), without and with the mirrored second prediction of the filter."""
+    from nnunet_ssl.data.loader import UnlabeledDataset
+    from nnunet_ssl.training.pseudo_labels import predict_pseudo_labels, predict_pseudo_labels_with_agreement
+
+    trainer.unlabeled_identifiers = trainer.prepare_unlabeled_data()
+    trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # inference mirroring axes
+    cases = trainer.unlabeled_identifiers
+    images = UnlabeledDataset(str(trainer.unlabeled_folder()), cases)
+    timings = {}
+    for name, predict in (("refresh_seconds_per_case", predict_pseudo_labels),
+                          ("refresh_with_filter_seconds_per_case", predict_pseudo_labels_with_agreement)):
+        start = time.perf_counter()
+        predict(trainer, images, cases, trainer.pseudo_label_store(1))
+        timings[name] = (time.perf_counter() - start) / len(cases)
+    return {**timings, "unlabeled_cases": len(cases),
+            "unlabeled_case_shape": list(images.load_case(cases[0])[0].shape[1:])}
 
 
 def measure_selection_round(trainer_cls, plans: dict, configuration: str, dataset_json: dict,
@@ -187,6 +236,10 @@ def main() -> None:
               f"({r['seconds_round_per_unlabeled_case']:.3f} s per unlabeled case): {r['cases_encoded']} latent "
               f"representations at {r['seconds_per_encoded_case']:.3f} s/case, {r['selected']} pseudo-labels at "
               f"{r['seconds_per_pseudo_label']:.3f} s/case")
+    if "refresh_seconds_per_case" in ssl:
+        print(f"pseudo-label refresh: {ssl['refresh_seconds_per_case']:.3f} s per unlabeled case "
+              f"({ssl['refresh_with_filter_seconds_per_case']:.3f} s with the mirrored second prediction of the "
+              f"filter), {ssl['unlabeled_cases']} cases of {ssl['unlabeled_case_shape']} voxels")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from nnunet_ssl.methods.local_contrastive.trainer import LocalContrastiveTrainer
 from nnunet_ssl.methods.must.trainer import MuSTTrainer
 from nnunet_ssl.methods.popcorn.trainer import POPCORNTrainer
 from nnunet_ssl.training.supervised import SupervisedTrainer
 
-TRAINERS = {cls.__name__: cls for cls in (MuSTTrainer, POPCORNTrainer, SupervisedTrainer)}
+TRAINERS = {cls.__name__: cls for cls in (MuSTTrainer, POPCORNTrainer, LocalContrastiveTrainer, SupervisedTrainer)}

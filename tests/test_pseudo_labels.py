@@ -21,7 +21,10 @@ from nnunet_ssl.training.pseudo_labels import (
     inference_mode,
     make_predictor,
     predict_logits,
+    predict_logits_mirrored,
     predict_pseudo_labels,
+    predict_pseudo_labels_with_agreement,
+    segmentation_dice,
     segmentation_from_logits,
     sliding_window_tiles,
 )
@@ -150,3 +153,43 @@ def test_sliding_window_tiles_are_the_predictors_tiles(trainer, shape):
         assert all(t.shape[0] <= batch_size for t in tiles)
         assert torch.equal(torch.cat(tiles), fed)  # same tiles, same order, same padding
     assert fed.shape[2:] == tuple(trainer.configuration_manager.patch_size)
+
+
+def test_segmentation_dice_by_hand():
+    a = np.array([[0, 1, 1, 2, -1]])
+    b = np.array([[0, 1, 0, 2, 2]])
+    # label 1: |a| = 2, |b| = 1, overlap 1 -> 2/3; label 2: the last voxel is outside a's mask -> 1 vs 1 -> 1
+    assert segmentation_dice(a, b, LABELS) == pytest.approx((2 / 3 + 1) / 2)
+    # regions: organ {1, 2}: |a| = 3, |b| = 2, overlap 2 -> 0.8; lesion {2}: 1
+    assert segmentation_dice(a, b, REGIONS) == pytest.approx((0.8 + 1) / 2)
+    # a label absent from both maps is left out; nothing anywhere -> the maps agree
+    assert segmentation_dice(np.array([[0, 1]]), np.array([[0, 1]]), LABELS) == 1.0
+    assert segmentation_dice(np.zeros((1, 3)), np.zeros((1, 3)), LABELS) == 1.0
+    assert segmentation_dice(np.array([[1, 0]]), np.array([[0, 1]]), LABELS) == 0.0
+
+
+def test_agreement_of_plain_and_mirrored_predictions(demo, trainer, tmp_path):
+    cases = sorted(gather_unlabeled_cases(demo.raw, json.loads((demo.raw / "dataset.json").read_text())))[:2]
+    image_folder = tmp_path / "unlabeled"
+    preprocess_unlabeled({c: gather_unlabeled_cases(demo.raw, trainer.dataset_json)[c] for c in cases}, image_folder,
+                         trainer.plans_manager, "3d_fullres", trainer.dataset_json, 1, progress=False)
+    images = UnlabeledDataset(str(image_folder), cases)
+    trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # sets the inference mirroring axes
+    axes = trainer.inference_allowed_mirroring_axes
+    assert axes == (0, 1, 2)
+    store = PseudoLabelStore(tmp_path / "pseudo")
+    agreement = predict_pseudo_labels_with_agreement(trainer, images, cases, store)
+    assert sorted(agreement) == cases and store.cases() == cases
+    lm = trainer.label_manager
+    for case in cases:
+        data, nonzero, _, _ = images.load_case(case)
+        with inference_mode(trainer) as net:
+            predictor = make_predictor(trainer, net)
+            plain = segmentation_from_logits(predict_logits(predictor, data), lm, nonzero)
+            flipped = predict_logits(predictor, np.flip(data[:], (1, 2, 3)).copy()).flip((1, 2, 3))
+            mirrored = predict_logits_mirrored(predictor, data, axes)
+        assert torch.allclose(mirrored, flipped)  # the image mirrored along (z, y, x), the logits mirrored back
+        assert np.array_equal(store.load(case)[0][:], plain)  # the stored pseudo-label is the plain prediction
+        assert agreement[case] == pytest.approx(segmentation_dice(plain, segmentation_from_logits(mirrored, lm,
+                                                                                                  nonzero), lm))
+        assert 0.0 <= agreement[case] <= 1.0

@@ -5,8 +5,9 @@ afterwards, so the classes must live in the installed ``nnunet_ssl`` package (pi
 name); this module only re-exports them.
 """
 
+from nnunet_ssl.methods.local_contrastive.trainer import LocalContrastiveTrainer
 from nnunet_ssl.methods.must.trainer import MuSTTrainer
 from nnunet_ssl.methods.popcorn.trainer import POPCORNTrainer
 from nnunet_ssl.training.supervised import SupervisedTrainer
 
-__all__ = ["MuSTTrainer", "POPCORNTrainer", "SupervisedTrainer"]
+__all__ = ["LocalContrastiveTrainer", "MuSTTrainer", "POPCORNTrainer", "SupervisedTrainer"]

@@ -35,8 +35,13 @@ from nnunet_ssl.training.hparams import HParam
 from nnunet_ssl.training.ramps import RAMPS, rampup
 from nnunet_ssl.training.supervised import CUDA, SCHEDULE_HPARAMS, SupervisedTrainer
 
-SSL_HPARAMS: dict[str, HParam] = {
+UNLABELED_HPARAMS: dict[str, HParam] = {  # every trainer that reads unlabeled images
     **SCHEDULE_HPARAMS,
+    "skip_bad_unlabeled": HParam(False, bool, "Leave bad unlabeled cases out (listed in the training log) instead "
+                                              "of stopping before training."),
+}
+SSL_HPARAMS: dict[str, HParam] = {  # ... and draws unlabeled batches with a ramped unsupervised weight
+    **UNLABELED_HPARAMS,
     "unlabeled_batch_size": HParam(None, int, "Unlabeled patches per iteration (per GPU); null: the labeled batch "
                                               "size.", low=1, optional=True),
     "consistency_weight": HParam(1.0, float, "Maximum weight of the unsupervised loss, reached after the ramp-up.",
@@ -44,8 +49,6 @@ SSL_HPARAMS: dict[str, HParam] = {
     "rampup": HParam("sigmoid", str, "Shape of the ramp-up of the unsupervised weight.", choices=RAMPS),
     "rampup_fraction": HParam(0.25, float, "Fraction of all training iterations over which the weight ramps up "
                                            "from 0.", low=0.0, high=1.0),
-    "skip_bad_unlabeled": HParam(False, bool, "Leave bad unlabeled cases out (listed in the training log) instead "
-                                              "of stopping before training."),
 }
 
 
@@ -173,6 +176,11 @@ class SemiSupervisedTrainer(SupervisedTrainer):
     def after_optimizer_step(self) -> None:
         """Called after every optimizer step (EMA teachers update here)."""
 
+    def next_unlabeled_batch(self) -> dict:
+        """The unlabeled loader's next batch (``data``, ``target``, ``keys``, on the CPU). Override to use more than
+        the images (pseudo-labels arrive in ``target``) or to draw no batch at times (an empty ``data``)."""
+        return next(self.dataloader_unlabeled)
+
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
         self._step_in_epoch = 0
@@ -182,7 +190,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         target = batch["target"]
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
-        data_u = next(self.dataloader_unlabeled)["data"].to(self.device, non_blocking=True) \
+        data_u = self.next_unlabeled_batch()["data"].to(self.device, non_blocking=True) \
             if self.draws_unlabeled_batches else None
 
         self.optimizer.zero_grad(set_to_none=True)

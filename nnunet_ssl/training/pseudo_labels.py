@@ -15,7 +15,10 @@ the current model and train on them later. Shared here:
   ``class_locations`` sampled from the pseudo-label, so nnU-Net's foreground oversampling works), each file written
   to a temporary name and renamed;
 - ``PseudoLabeledDataset`` (unlabeled images with their pseudo-labels) and ``CombinedDataset`` (labeled cases plus
-  pseudo-labeled ones), which nnU-Net's data loader reads like its own dataset.
+  pseudo-labeled ones), which nnU-Net's data loader reads like its own dataset;
+- agreement of two predictions for pseudo-label filters: ``predict_logits_mirrored`` (the same sliding window on the
+  image mirrored along the inference mirroring axes, mirrored back), ``segmentation_dice`` (mean Dice of two label
+  maps over labels or regions) and ``predict_pseudo_labels_with_agreement``.
 """
 
 from __future__ import annotations
@@ -91,6 +94,35 @@ def sliding_window_tiles(predictor: nnUNetPredictor, image: torch.Tensor, batch_
     slicers = predictor._internal_get_sliding_window_slicers(data.shape[1:])
     for start in range(0, len(slicers), batch_size):
         yield torch.stack([data[s] for s in slicers[start:start + batch_size]])
+
+
+def predict_logits_mirrored(predictor: nnUNetPredictor, data: np.ndarray, mirror_axes: Sequence[int]) -> torch.Tensor:
+    """Sliding-window logits of the case mirrored along ``mirror_axes`` (axes of the network's patch, as in
+    ``inference_allowed_mirroring_axes``), mirrored back: a second view of the case, e.g. for a consistency filter.
+    For a 2d configuration the patch axes are the last two of the (C_in, z, y, x) case."""
+    if not mirror_axes:
+        raise ValueError("predict_logits_mirrored needs at least one mirroring axis")
+    offset = data.ndim - len(predictor.configuration_manager.patch_size)  # channel axis (+ slice axis for 2d)
+    axes = tuple(a + offset for a in mirror_axes)
+    image = torch.from_numpy(np.ascontiguousarray(data[:], dtype=np.float32)).flip(axes)
+    return predictor.predict_sliding_window_return_logits(image).float().cpu().flip(axes)
+
+
+def segmentation_dice(seg_a: np.ndarray, seg_b: np.ndarray, label_manager: LabelManager) -> float:
+    """Mean Dice of two label maps in the preprocessed ``_seg`` convention over the foreground labels (or regions),
+    counting only voxels inside the nonzero mask of both (>= 0). A label or region absent from both maps is left out
+    of the mean; 1.0 when every one is absent from both (the maps agree)."""
+    a, b = np.asarray(seg_a), np.asarray(seg_b)
+    inside = (a >= 0) & (b >= 0)
+    classes = label_manager.foreground_regions if label_manager.has_regions else label_manager.foreground_labels
+    dices = []
+    for c in classes:
+        labels = list(c) if isinstance(c, (list, tuple)) else [c]
+        in_a, in_b = np.isin(a, labels) & inside, np.isin(b, labels) & inside
+        total = int(in_a.sum()) + int(in_b.sum())
+        if total:
+            dices.append(2.0 * int((in_a & in_b).sum()) / total)
+    return float(np.mean(dices)) if dices else 1.0
 
 
 def segmentation_from_logits(logits: torch.Tensor, label_manager: LabelManager,
@@ -181,6 +213,30 @@ def predict_pseudo_labels(trainer, image_dataset: nnUNetDatasetBlosc2, cases: Se
             data, nonzero_seg, _, properties = image_dataset.load_case(case)
             logits = predict_logits(predictor, data)
             store.write(case, segmentation_from_logits(logits, lm, nonzero_seg), properties, lm)
+
+
+def predict_pseudo_labels_with_agreement(trainer, image_dataset: nnUNetDatasetBlosc2, cases: Sequence[str],
+                                         store: PseudoLabelStore) -> dict[str, float]:
+    """``predict_pseudo_labels`` without mirroring, plus a second prediction of each case mirrored along all of the
+    trainer's ``inference_allowed_mirroring_axes``; returns the ``segmentation_dice`` of the two label maps per case
+    (the stored pseudo-label is the unmirrored one). Under DDP each rank handles (and returns) every world-size-th
+    case; callers gather the results and synchronise."""
+    axes = tuple(trainer.inference_allowed_mirroring_axes or ())
+    if not axes:
+        raise ValueError(f"{type(trainer).__name__}: a mirrored second prediction needs inference mirroring axes, but "
+                         f"this configuration allows none")
+    lm = trainer.label_manager
+    rank, world = (trainer.local_rank, torch.distributed.get_world_size()) if trainer.is_ddp else (0, 1)
+    agreement = {}
+    with inference_mode(trainer) as network:
+        predictor = make_predictor(trainer, network, use_mirroring=False)
+        for case in list(cases)[rank::world]:
+            data, nonzero_seg, _, properties = image_dataset.load_case(case)
+            seg = segmentation_from_logits(predict_logits(predictor, data), lm, nonzero_seg)
+            mirrored = segmentation_from_logits(predict_logits_mirrored(predictor, data, axes), lm, nonzero_seg)
+            agreement[case] = segmentation_dice(seg, mirrored, lm)
+            store.write(case, seg, properties, lm)
+    return agreement
 
 
 # ---------------------------------------------------------------- datasets for nnU-Net's data loader

@@ -48,7 +48,7 @@ from nnunet_ssl.methods.popcorn.selection import (
     proximity_scores,
     select_closest,
 )
-from nnunet_ssl.training.base import SemiSupervisedTrainer
+from nnunet_ssl.training.base import UNLABELED_HPARAMS, SemiSupervisedTrainer
 from nnunet_ssl.training.hparams import HParam, HParamError
 from nnunet_ssl.training.pseudo_labels import (
     PROPERTIES_SUFFIX,
@@ -61,7 +61,7 @@ from nnunet_ssl.training.pseudo_labels import (
     predict_pseudo_labels,
     sliding_window_tiles,
 )
-from nnunet_ssl.training.supervised import CUDA, SCHEDULE_HPARAMS
+from nnunet_ssl.training.supervised import CUDA
 
 STATE_FILE = "popcorn_state.json"
 # Tiles for the latent representations: nnU-Net's tiling with step 1 (tiles overlap only where the image size is
@@ -71,7 +71,7 @@ REPRESENTATION_TILE_STEP = 1.0
 PSEUDO_LABEL_FOLDER = "popcorn_pseudo_labels"
 
 POPCORN_HPARAMS: dict[str, HParam] = {
-    **SCHEDULE_HPARAMS,
+    **UNLABELED_HPARAMS,
     "alpha": HParam(0.2, float, "Weight alpha of the bottleneck consistency L_reg (eq. 5).", low=0.0),
     "same_patch_probability": HParam(0.5, float, "Probability that a pair is two augmentations of one patch; "
                                                  "otherwise patches of two cases at the same relative position.",
