@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
+from nnunet_ssl.methods.mismatch.trainer import MisMatchTrainer
 from nnunet_ssl.methods.must.trainer import MuSTTrainer
 from nnunet_ssl.training.supervised import SupervisedTrainer
 
-TRAINERS = {cls.__name__: cls for cls in (MuSTTrainer, SupervisedTrainer)}
+TRAINERS = {cls.__name__: cls for cls in (MuSTTrainer, MisMatchTrainer, SupervisedTrainer)}

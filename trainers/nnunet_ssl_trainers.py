@@ -5,7 +5,8 @@ afterwards, so the classes must live in the installed ``nnunet_ssl`` package (pi
 name); this module only re-exports them.
 """
 
+from nnunet_ssl.methods.mismatch.trainer import MisMatchTrainer
 from nnunet_ssl.methods.must.trainer import MuSTTrainer
 from nnunet_ssl.training.supervised import SupervisedTrainer
 
-__all__ = ["MuSTTrainer", "SupervisedTrainer"]
+__all__ = ["MisMatchTrainer", "MuSTTrainer", "SupervisedTrainer"]
