@@ -14,7 +14,8 @@ into the main branch output f, then the skip connection: out = f * m + f.
   nonlinearity and the normalisation (the paper's order), then the sigmoid. The large receptive field spreads the
   foreground response outwards: learnt dilation.
 - NASB side branch: two convolutions of the planned kernel, each followed by the nonlinearity and the normalisation
-  and with a residual connection around it (a 1x1 projection where the channel count changes), then the sigmoid.
+  and with a residual connection around it (added before the normalisation; a 1x1 projection where the channel
+  count changes), then the sigmoid.
   Residual connections shrink the effective receptive field: learnt erosion.
 
 The side branches are narrow (``side_reduction``: hidden width = stage channels / 8; the mask has the stage's
@@ -65,7 +66,8 @@ def mean_probability_logits(a: torch.Tensor, b: torch.Tensor, regions: bool) -> 
 # ---------------------------------------------------------------- attention shifting blocks
 class ConvNonlinNorm(nn.Module):
     """Convolution, nonlinearity, normalisation (the order of sections 2.1-2.2), optionally dilated (atrous) and
-    optionally with a residual connection around it (a 1x1 projection when the channel count changes)."""
+    optionally with a residual connection around the convolution, added before the normalisation (a 1x1
+    projection when the channel count changes)."""
 
     def __init__(self, conv_op: type[nn.Module], in_channels: int, out_channels: int, kernel_size: Sequence[int],
                  dilation: int, conv_bias: bool, norm_op: type[nn.Module] | None, norm_op_kwargs: dict | None,
@@ -84,8 +86,11 @@ class ConvNonlinNorm(nn.Module):
                 conv_op(in_channels, out_channels, 1, 1, 0, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.norm(self.nonlin(self.conv(x)))
-        return y if self.shortcut is None else y + self.shortcut(x)
+        y = self.nonlin(self.conv(x))
+        if self.shortcut is not None:
+            y = y + self.shortcut(x)
+        # normalised last (also after the residual sum), so the sigmoid after the branch starts unsaturated
+        return self.norm(y)
 
 
 class AttentionShiftingBlock(nn.Module):
