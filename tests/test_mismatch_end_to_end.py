@@ -116,9 +116,3 @@ def test_regions_ignore_label_validation_calibration(demo_regions_ignore):
     assert result["pooled"]["foreground"]["ECE"] == pytest.approx(_ece(np.concatenate(conf), np.concatenate(correct)),
                                                                   rel=1e-4)
 
-
-def test_2d_configuration_trains(demo):
-    demo.run("nnUNetv2_train", str(demo.dataset_id), "2d", "0", "-tr", "MisMatchTrainer", "-device", "cpu",
-             hparams=SHORT)
-    out = demo.results("MisMatchTrainer", "2d")
-    assert (out / "checkpoint_final.pth").exists() and (out / "validation" / "calibration.json").exists()

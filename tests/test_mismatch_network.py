@@ -166,3 +166,20 @@ def test_every_parameter_gets_a_gradient_from_the_training_losses():
 def test_rejects_other_layouts():
     with pytest.raises(TypeError, match="nnU-Net's U-Net layout"):
         MisMatchNetwork(nn.Sequential(nn.Conv3d(1, 1, 1)))
+
+
+def test_compiles_without_graph_breaks():
+    # torch.compile (nnU-Net's default on CUDA) traces the training pass and the prediction as single graphs
+    net = make_net(dim=2)
+    x = torch.randn(2, 2, 16, 16)
+
+    def training_pass(x):
+        out_d, out_e = net(x, both_decoders=True)
+        return consistency_loss(out_d[0], out_e[0])
+
+    explained = torch._dynamo.explain(training_pass)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    net.eval()
+    net.decoder.set_region_based(True)
+    explained = torch._dynamo.explain(net)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)

@@ -153,7 +153,7 @@ class SupervisedTrainer(nnUNetTrainer):
         _, val_keys = self.do_split()
         created = [k for k in val_keys if not isfile(join(folder, f"{k}.npz"))]
         super().perform_actual_validation(True)
-        if self.local_rank == 0:
+        if self.local_rank == 0 and val_keys:
             result = validation_calibration(folder, join(self.preprocessed_dataset_folder_base, "gt_segmentations"),
                                             self.dataset_json, self.plans_manager.plans, val_keys,
                                             save_probabilities, created)
