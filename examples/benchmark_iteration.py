@@ -12,7 +12,8 @@ nnU-Net's sliding-window prediction of one whole preprocessed case (``nnUNetPred
         [--iterations 20] [--repeats 3]
 
 With ``--repeats R`` the trainers are measured R times in turn and the fastest time of each is kept (the usual
-estimator on a shared machine, where other work only ever adds time).
+estimator on a shared machine, where other work only ever adds time); on a busy CPU, ``--threads 1`` avoids
+threads waiting for each other and gives steadier ratios.
 
 Peak memory is CUDA's max_memory_allocated on a GPU, and the growth of the peak resident set size (VmHWM) over
 the resident size before the timed iterations on a CPU.
@@ -30,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+clock = time.perf_counter  # --cpu-time: time.process_time
 
 
 def _rss_kib(field: str) -> int:
@@ -82,11 +85,11 @@ def time_sliding_window(trainer, case: torch.Tensor, repeats: int) -> float:
     predictor.predict_sliding_window_return_logits(case)  # warm-up (compilation, Gaussian cache)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         predictor.predict_sliding_window_return_logits(case)
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return min(times)
 
 
@@ -115,11 +118,11 @@ def measure(trainer_cls, plans: dict, configuration: str, dataset_json: dict, de
     else:
         base = _rss_kib("VmRSS")
         _reset_peak_rss()
-    start = time.perf_counter()
+    start = clock()
     for i in range(iterations):
         trainer.train_step(batches[i % 4])
     sync()
-    seconds = (time.perf_counter() - start) / iterations
+    seconds = (clock() - start) / iterations
     peak_mib = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
                 else (_rss_kib("VmHWM") - base) / 1024)
 
@@ -130,11 +133,11 @@ def measure(trainer_cls, plans: dict, configuration: str, dataset_json: dict, de
         for _ in range(max(1, warmup)):
             trainer.network(x)
         sync()
-        start = time.perf_counter()
+        start = clock()
         for _ in range(iterations):
             trainer.network(x)
         sync()
-    inference = (time.perf_counter() - start) / iterations
+    inference = (clock() - start) / iterations
     case = sliding_window_case(trainer)
     sliding = time_sliding_window(trainer, case, max(1, min(iterations, 3)))
     return {"trainer": trainer_cls.__name__, "seconds_per_iteration": seconds, "peak_memory_mib": peak_mib,
@@ -155,8 +158,18 @@ def main() -> None:
                                                                   "keep the fastest times")
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations first (torch.compile, caches)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's); 1 gives "
+                                                                    "the steadiest ratios on a shared machine")
+    parser.add_argument("--cpu-time", action="store_true", help="time with this process's CPU time instead of the "
+                                                                  "wall clock (CPU only; with --threads 1 the time "
+                                                                  "other programs take on a shared machine drops out)")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args()
+    global clock
+    if args.cpu_time:
+        if args.device != "cpu":
+            parser.error("--cpu-time measures CPU work; use it with --device cpu")
+        clock = time.process_time
 
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -170,7 +183,7 @@ def main() -> None:
     dataset_json = json.loads((pp / "dataset.json").read_text())
     device = torch.device(args.device)
     os.environ["nnUNet_results"] = tempfile.mkdtemp(prefix="nnunet_ssl_benchmark_")  # trainers create folders
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     classes = [nnUNetTrainer] + [TRAINERS[t] for t in args.trainer]
     rounds = [[measure(cls, plans, args.c, dataset_json, device, args.iterations, args.warmup) for cls in classes]
               for _ in range(args.repeats)]
@@ -182,7 +195,8 @@ def main() -> None:
         f"CPU, {torch.get_num_threads()} threads"
     print(f"{name} {args.c}: patch {base['patch_size']}, batch {base['batch_size']} labeled (+ the same number of "
           f"unlabeled for the semi-supervised trainers), sliding window over a case of {base['case_shape']}, "
-          f"{hardware}, torch {torch.__version__}, best of {args.repeats}")
+          f"{hardware}, torch {torch.__version__}, best of {args.repeats}"
+          f"{', CPU time' if args.cpu_time else ''}")
     print(f"{'trainer':<18}{'s/iteration':>14}{'peak MiB':>12}{'inference s/patch':>20}{'predict s/case':>17}")
     for r in results:
         print(f"{r['trainer']:<18}{r['seconds_per_iteration']:>14.3f}{r['peak_memory_mib']:>12.0f}"

@@ -37,7 +37,8 @@ def test_blocks_shapes_masks_and_formula(dim):
             skip = skips[-(s + 2)]
             inp = torch.cat((decoder.transpconvs[s](lres), skip), 1)
             out, mask = block.forward_with_mask(inp)
-            assert out.shape == mask.shape == skip.shape  # the planned stage's output shape
+            assert out.shape == skip.shape  # the planned stage's output shape
+            assert mask.shape == (skip.shape[0], 1, *skip.shape[2:])  # one magnitude per voxel
             assert (mask > 0).all() and (mask < 1).all()
             main = block.main(inp)
             assert torch.allclose(out, main * mask + main, atol=1e-6)  # gated main branch plus skip connection

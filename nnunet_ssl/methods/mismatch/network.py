@@ -18,9 +18,10 @@ into the main branch output f, then the skip connection: out = f * m + f.
   count changes), then the sigmoid.
   Residual connections shrink the effective receptive field: learnt erosion.
 
-The side branches are narrow (``side_reduction``: hidden width = stage channels / 8; the mask has the stage's
-channels, so the multiplication is element-wise). The paper gives no widths; two plain decoders already cost 1.7x a
-plain nnU-Net's prediction (in FLOPs), full-width side branches would bring it to 3x, these to 1.9x.
+The side branches are narrow (``side_reduction``: hidden width = stage channels / 8) and end in a one-channel mask,
+the per-voxel magnitude of the feature change (section 2.1), broadcast over the main branch's channels. The paper
+gives no widths; two decoders already cost about 1.7x a plain nnU-Net's prediction, and the side branches must fit
+in what is left of a 2x budget (full-width ones would bring it to 3x).
 
 ``forward(x)`` returns what nnU-Net expects of a network: the prediction of MisMatch (appendix A: the average of
 the two decoders' outputs) as logits whose softmax (or, for region-based datasets, sigmoid) is exactly the mean of
@@ -111,23 +112,22 @@ class AttentionShiftingBlock(nn.Module):
         return self.forward_with_mask(x)[0]
 
 
-def side_branch(kind: str, encoder: nn.Module, in_channels: int, out_channels: int, kernel_size: Sequence[int],
+def side_branch(kind: str, encoder: nn.Module, in_channels: int, stage_channels: int, kernel_size: Sequence[int],
                 side_reduction: int = 8, dilation: int = DILATION) -> nn.Sequential:
     """The side branch of a positive (``kind='positive'``: atrous) or negative (``'negative'``: residual) attention
-    shifting block, with the planned convolution, normalisation and nonlinearity types."""
+    shifting block, with the planned convolution, normalisation and nonlinearity types: ``in_channels`` to
+    ``stage_channels // side_reduction`` to one channel, the per-voxel magnitude of the feature change (the mask
+    broadcasts over the main branch's channels)."""
     if kind not in ("positive", "negative"):
         raise ValueError(f"kind must be 'positive' or 'negative', got {kind!r}")
-    hidden = max(1, out_channels // side_reduction)
+    hidden = max(1, stage_channels // side_reduction)
     common = {"conv_op": encoder.conv_op, "kernel_size": kernel_size, "conv_bias": encoder.conv_bias,
               "norm_op": encoder.norm_op, "norm_op_kwargs": encoder.norm_op_kwargs, "nonlin": encoder.nonlin,
               "nonlin_kwargs": encoder.nonlin_kwargs}
-    if kind == "positive":
-        return nn.Sequential(ConvNonlinNorm(in_channels=in_channels, out_channels=hidden, dilation=dilation, **common),
-                             ConvNonlinNorm(in_channels=hidden, out_channels=out_channels, dilation=dilation, **common))
-    return nn.Sequential(ConvNonlinNorm(in_channels=in_channels, out_channels=hidden, dilation=1, residual=True,
-                                        **common),
-                         ConvNonlinNorm(in_channels=hidden, out_channels=out_channels, dilation=1, residual=True,
-                                        **common))
+    positive = kind == "positive"
+    layer = {"dilation": dilation if positive else 1, "residual": not positive, **common}
+    return nn.Sequential(ConvNonlinNorm(in_channels=in_channels, out_channels=hidden, **layer),
+                         ConvNonlinNorm(in_channels=hidden, out_channels=1, **layer))
 
 
 def convert_to_attention_shifting(decoder: nn.Module, encoder: nn.Module, kind: str, side_reduction: int = 8,
