@@ -1,4 +1,5 @@
-"""The ``nnunet_ssl`` command: set-up help, unlabeled preprocessing ahead of training, labeled fractions."""
+"""The ``nnunet_ssl`` command: set-up help, unlabeled preprocessing ahead of training, labeled fractions,
+calibration of predicted probabilities."""
 
 from __future__ import annotations
 
@@ -113,6 +114,36 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     main_from_args(args)
 
 
+def cmd_calibration(args: argparse.Namespace) -> None:
+    from nnunet_ssl.evaluation.calibration import DIAGRAM_NAME, JSON_NAME, calibration_on_folder
+
+    pred = Path(args.pred)
+    files = {}
+    for name, given in (("dataset.json", args.djfile), ("plans.json", args.pfile)):
+        path = Path(given) if given else pred / name
+        if not path.is_file():
+            raise SystemExit(f"error: {path} not found; nnUNetv2_predict writes {name} into its output folder, "
+                             f"otherwise pass it with {'-djfile' if name == 'dataset.json' else '-pfile'}.")
+        files[name] = json.loads(path.read_text())
+    try:
+        result = calibration_on_folder(args.ref, pred, files["dataset.json"], files["plans.json"],
+                                       args.o or pred / JSON_NAME, args.png or pred / DIAGRAM_NAME,
+                                       num_processes=args.np)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    print(f"{len(result['metric_per_case'])} case(s), {result['n_bins']} bins; ECE pooled over cases "
+          f"(mean over cases):")
+    print(f"  foreground  {fmt(result['pooled']['foreground']['ECE'])} ({fmt(result['mean']['foreground'])})")
+    print(f"  all voxels  {fmt(result['pooled']['all']['ECE'])} ({fmt(result['mean']['all'])})")
+    for k, v in result["pooled"]["classes"].items():
+        print(f"  class {k:<6}{fmt(v['ECE'])} ({fmt(result['mean']['classes'][k])})")
+    print(f"written: {args.o or pred / JSON_NAME}, {args.png or pred / DIAGRAM_NAME}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet_ssl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +207,20 @@ def build_parser() -> argparse.ArgumentParser:
                                          "bound over seeds on a dataset's test set (resumable)")
     add_benchmark_arguments(p)
     p.set_defaults(func=cmd_benchmark)
+
+
+    p = sub.add_parser("calibration", help="expected calibration error (15 bins; foreground, all voxels, per class) "
+                                           "and a reliability diagram of an nnU-Net prediction folder saved with "
+                                           "--save_probabilities")
+    p.add_argument("-ref", required=True, help="folder of reference label files ({case}{file_ending})")
+    p.add_argument("-pred", required=True, help="folder with {case}.npz and {case}.pkl from nnUNetv2_predict "
+                                                "--save_probabilities (or nnUNetv2_train --npz: fold_x/validation)")
+    p.add_argument("-djfile", default=None, help="dataset.json (default: the one in -pred)")
+    p.add_argument("-pfile", default=None, help="plans.json (default: the one in -pred)")
+    p.add_argument("-o", default=None, help="output JSON (default: -pred/calibration.json)")
+    p.add_argument("--png", default=None, help="reliability diagram (default: -pred/reliability_diagram.png)")
+    p.add_argument("-np", type=int, default=None, help="processes (default: nnUNet_def_n_proc)")
+    p.set_defaults(func=cmd_calibration)
 
     p = sub.add_parser("hparams", help="list a trainer's hyper-parameters and defaults")
     p.add_argument("trainer")

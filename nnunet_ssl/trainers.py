@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from nnunet_ssl.methods.local_contrastive.trainer import LocalContrastiveTrainer
+from nnunet_ssl.methods.mismatch.trainer import MisMatchTrainer
 from nnunet_ssl.methods.must.trainer import MuSTTrainer
 from nnunet_ssl.methods.popcorn.trainer import POPCORNTrainer
 from nnunet_ssl.training.supervised import SupervisedTrainer
 
-TRAINERS = {cls.__name__: cls for cls in (MuSTTrainer, POPCORNTrainer, LocalContrastiveTrainer, SupervisedTrainer)}
+TRAINERS = {cls.__name__: cls for cls in (MuSTTrainer, POPCORNTrainer, MisMatchTrainer, LocalContrastiveTrainer,
+                                           SupervisedTrainer)}

@@ -12,11 +12,12 @@ from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
 from nnunet_ssl.ext_trainers_path import trainers_path
 from nnunet_ssl.methods.must.trainer import MuSTTrainer
+from nnunet_ssl.trainers import TRAINERS
 
 
 def test_nnunet_finds_the_trainers_through_the_shims(monkeypatch):
     monkeypatch.setenv("nnUNet_extTrainer", str(trainers_path()))
-    for name in ("MuSTTrainer", "LocalContrastiveTrainer", "SupervisedTrainer"):
+    for name in TRAINERS:
         cls = recursive_find_trainer_class_by_name(name)
         assert cls.__name__ == name and cls.__module__.startswith("nnunet_ssl.")
     # the class nnU-Net returns is the package's (picklable by name), not a copy from the shim module

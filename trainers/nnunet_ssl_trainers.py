@@ -6,8 +6,9 @@ name); this module only re-exports them.
 """
 
 from nnunet_ssl.methods.local_contrastive.trainer import LocalContrastiveTrainer
+from nnunet_ssl.methods.mismatch.trainer import MisMatchTrainer
 from nnunet_ssl.methods.must.trainer import MuSTTrainer
 from nnunet_ssl.methods.popcorn.trainer import POPCORNTrainer
 from nnunet_ssl.training.supervised import SupervisedTrainer
 
-__all__ = ["LocalContrastiveTrainer", "MuSTTrainer", "POPCORNTrainer", "SupervisedTrainer"]
+__all__ = ["LocalContrastiveTrainer", "MisMatchTrainer", "MuSTTrainer", "POPCORNTrainer", "SupervisedTrainer"]

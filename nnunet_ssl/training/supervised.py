@@ -8,7 +8,8 @@ Training is exactly ``nnUNetTrainer``'s (same network, loss, augmentation, optim
   trainer is the supervised baseline on *the same labeled cases* as the semi-supervised ones;
 - checkpoints written atomically (temporary file, then rename) with an extra ``nnunet_ssl`` entry for
   method state, restored by ``nnUNetv2_train ... --c``;
-- extra per-epoch log keys drawn in a panel of their own in ``progress.png``.
+- extra per-epoch log keys drawn in a panel of their own in ``progress.png``;
+- the final validation also writes calibration metrics (ECE, reliability diagram) next to ``summary.json``.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import tempfile
 from typing import Any, ClassVar
 
 import torch
-from batchgenerators.utilities.file_and_folder_operations import join
+from batchgenerators.utilities.file_and_folder_operations import isfile, join
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch._dynamo import OptimizedModule
 
 from nnunet_ssl.data.labeled_fraction import FILENAME as LABELED_FRACTION_FILE
 from nnunet_ssl.data.labeled_fraction import check_declared_cases, declared_unlabeled_cases
 from nnunet_ssl.data.unlabeled import write_json_atomic
+from nnunet_ssl.evaluation.calibration import validation_calibration
 from nnunet_ssl.training.hparams import ENV_VAR, HParam, HParamError, read_overrides, resolve_hparams
 from nnunet_ssl.training.logging import SSLLocalLogger
 
@@ -141,3 +143,20 @@ class SupervisedTrainer(nnUNetTrainer):
             self.hparams = resolve_hparams(self.hparam_spec, type(self).__name__, saved)
             self._apply_hparams()
         self.load_extra_checkpoint_state(state)
+
+    # ---------------------------------------------------------------- final validation
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's validation, run with probabilities saved so that ``validation/calibration.json`` and
+        ``validation/reliability_diagram.png`` can be computed from them (at the original image geometry, against
+        ``gt_segmentations``); the probability files are removed again unless ``--npz`` asked for them."""
+        folder = join(self.output_folder, "validation")
+        _, val_keys = self.do_split()
+        created = [k for k in val_keys if not isfile(join(folder, f"{k}.npz"))]
+        super().perform_actual_validation(True)
+        if self.local_rank == 0 and val_keys:
+            result = validation_calibration(folder, join(self.preprocessed_dataset_folder_base, "gt_segmentations"),
+                                            self.dataset_json, self.plans_manager.plans, val_keys,
+                                            save_probabilities, created)
+            self.print_to_log_file(f"Calibration (15 bins): foreground ECE {result['pooled']['foreground']['ECE']}, "
+                                   f"all-voxel ECE {result['pooled']['all']['ECE']} (validation/calibration.json)",
+                                   also_print_to_console=True)

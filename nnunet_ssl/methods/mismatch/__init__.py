@@ -1,0 +1,1 @@
+"""MisMatch: learnt morphological feature perturbations for calibrated semi-supervised segmentation (paper 003)."""
