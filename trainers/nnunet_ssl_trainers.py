@@ -6,6 +6,7 @@ name); this module only re-exports them.
 """
 
 from nnunet_ssl.methods.must.trainer import MuSTTrainer
+from nnunet_ssl.methods.ugmcl.trainer import DTCTrainer, MeanTeacherTrainer, UAMTTrainer, UGMCLTrainer
 from nnunet_ssl.training.supervised import SupervisedTrainer
 
-__all__ = ["MuSTTrainer", "SupervisedTrainer"]
+__all__ = ["DTCTrainer", "MeanTeacherTrainer", "MuSTTrainer", "SupervisedTrainer", "UAMTTrainer", "UGMCLTrainer"]

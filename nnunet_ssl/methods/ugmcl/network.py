@@ -1,0 +1,114 @@
+"""The dual-task U-Net of UG-MCL (section III-A) on nnU-Net's planned U-Net (PlainConvUNet, ResEnc presets).
+
+``DualTaskUNet`` holds the planned network's ``encoder`` and ``decoder`` under the same names and adds:
+
+- channel dropout (``Dropout2d``/``Dropout3d``, p = 0.5) on the last decoder features, the input of the
+  full-resolution heads, as before the output convolution of the V-Net used by UA-MT, DTC and UG-MCL. It is what
+  Monte-Carlo dropout samples (eq. 3) and, like in the reference V-Net, it is active in the student's training
+  passes too. nnU-Net's plans have no dropout, so the network adds it; a dropout module has no parameters, and
+  in eval mode it is off;
+- optionally the regression head: a convolution block (conv, norm, nonlinearity as planned, the last decoder
+  stage's width) followed by a 1x1 convolution and tanh, one signed distance map per segmentation output
+  channel (eq. 1, normalised to [-1, 1]).
+
+Inference (eval mode, ``forward(x)``) is nnU-Net's decoder call on the encoder's skips: the regression head is
+not computed and the outputs are the plain U-Net's for the same weights. Without the regression head the state
+dict is exactly nnU-Net's.
+
+The teacher's ``mc_predict`` runs T stochastic passes as one batched call: everything before the dropout is
+deterministic, so it is computed once and only the dropout and the heads run T times.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU
+from torch import nn
+
+
+class DualTaskUNet(nn.Module):
+    def __init__(self, unet: nn.Module, regression_head: bool = True, dropout_p: float = 0.5):
+        super().__init__()
+        modules = set(dict(unet.named_children()))
+        if modules != {"encoder", "decoder"} or not all(
+            hasattr(unet.decoder, a) for a in ("stages", "transpconvs", "seg_layers")
+        ):
+            raise TypeError(f"The dual-task network needs nnU-Net's U-Net layout (an encoder and a UNetDecoder with "
+                            f"stages, transpconvs and seg_layers); {type(unet).__name__} has {sorted(modules)}.")
+        self.encoder = unet.encoder
+        self.decoder = unet.decoder
+        self.dropout_p = dropout_p
+        enc = unet.encoder
+        self._spatial_dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[enc.conv_op]
+        if regression_head:
+            width = enc.output_channels[0]
+            self.sdf_head = nn.Sequential(
+                ConvDropoutNormReLU(enc.conv_op, width, width, enc.kernel_sizes[0], 1, enc.conv_bias, enc.norm_op,
+                                    enc.norm_op_kwargs, None, None, enc.nonlin, enc.nonlin_kwargs),
+                enc.conv_op(width, self.decoder.num_classes, 1, 1, 0, bias=True),
+                nn.Tanh(),
+            )
+            if hasattr(type(unet), "initialize"):  # nnU-Net's weight initialisation of the planned network
+                self.sdf_head.apply(type(unet).initialize)
+        else:
+            self.sdf_head = None
+
+    @property
+    def has_regression_head(self) -> bool:
+        return self.sdf_head is not None
+
+    def dropout(self, x: torch.Tensor) -> torch.Tensor:
+        """Channel dropout, always sampled (callers decide when it applies)."""
+        if self._spatial_dims == 3:
+            return F.dropout3d(x, self.dropout_p, training=True)
+        if self._spatial_dims == 2:
+            return F.dropout2d(x, self.dropout_p, training=True)
+        return F.dropout1d(x, self.dropout_p, training=True)
+
+    def forward(self, x: torch.Tensor, return_sdf: bool = False):
+        """Eval mode without ``return_sdf``: nnU-Net's forward. Training mode: dropout before the
+        full-resolution heads. With ``return_sdf``: ``(segmentation output(s), signed distance maps)``."""
+        skips = self.encoder(x)
+        if not self.training and not return_sdf:
+            return self.decoder(skips)
+        seg, features = self.decode(skips, drop=self.training)
+        if not return_sdf:
+            return seg
+        if self.sdf_head is None:
+            raise RuntimeError("this network has no regression head (built with regression_head=False)")
+        return seg, self.sdf_head(features)
+
+    def decode(self, skips: list[torch.Tensor], drop: bool, heads: bool = True):
+        """nnU-Net's decoder pass (same modules, same order), returning the segmentation output(s) and the last
+        decoder features (after dropout when ``drop``). ``heads=False`` skips all segmentation layers."""
+        dec = self.decoder
+        last = len(dec.stages) - 1
+        lres = skips[-1]
+        outputs = []
+        for s in range(len(dec.stages)):
+            x = dec.stages[s](torch.cat((dec.transpconvs[s](lres), skips[-(s + 2)]), 1))
+            if s == last and drop:
+                x = self.dropout(x)
+            if heads and (dec.deep_supervision or s == last):
+                outputs.append(dec.seg_layers[s](x))
+            lres = x
+        if not heads:
+            return None, lres
+        outputs = outputs[::-1]
+        return (outputs if dec.deep_supervision else outputs[0]), lres
+
+    @torch.no_grad()
+    def mc_predict(self, x: torch.Tensor, passes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``passes`` stochastic passes with dropout sampled independently per pass, sample and channel.
+        Returns full-resolution segmentation logits and signed distance maps (None without a regression head),
+        shaped ``(passes, batch, channels, *spatial)``."""
+        _, features = self.decode(self.encoder(x), drop=False, heads=False)
+        batch = features.shape[0]
+        stacked = self.dropout(features.repeat(passes, *([1] * (features.ndim - 1))))  # pass-major
+        logits = self.decoder.seg_layers[-1](stacked)
+        logits = logits.view(passes, batch, *logits.shape[1:])
+        if self.sdf_head is None:
+            return logits, None
+        sdf = self.sdf_head(stacked)
+        return logits, sdf.view(passes, batch, *sdf.shape[1:])
