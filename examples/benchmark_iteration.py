@@ -15,14 +15,16 @@ batch with and without the signed distance transform (single-threaded, as in one
     python examples/benchmark_iteration.py -d 990 -c 3d_fullres --trainer UGMCLTrainer MeanTeacherTrainer
         [--iterations 10] [--hparams '{"mc_passes": 8}']
 
-Peak memory is CUDA's max_memory_allocated on a GPU, and the growth of the peak resident set size (VmHWM) over
-the resident size before the measured iterations on a CPU.
+Peak memory is CUDA's max_memory_allocated on a GPU; on a CPU it is measured in a fresh process per trainer: the
+growth of the peak resident set size (VmHWM) over the resident size before the trainer was built (network,
+optimizer, teacher, and the activations of the iterations).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import statistics
 import tempfile
@@ -115,18 +117,12 @@ class Bench:
         self.i += 1
         return time.perf_counter() - start
 
-    def peak_memory_mib(self, iterations: int) -> float:
+    def peak_cuda_memory_mib(self, iterations: int) -> float:
         _sync(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            base = _rss_kib("VmRSS")
-            _reset_peak_rss()
+        torch.cuda.reset_peak_memory_stats()
         for _ in range(iterations):
             self.step()
-        if self.device.type == "cuda":
-            return torch.cuda.max_memory_allocated() / 2**20
-        return (_rss_kib("VmHWM") - base) / 1024
+        return torch.cuda.max_memory_allocated() / 2**20
 
     def inference_seconds(self, iterations: int, warmup: int) -> float:
         t = self.trainer
@@ -144,6 +140,36 @@ class Bench:
         t.set_deep_supervision_enabled(t.enable_deep_supervision)
         t.network.train()
         return (time.perf_counter() - start) / iterations
+
+
+def _cpu_peak_child(trainer_name: str, plans: dict, configuration: str, dataset_json: dict, iterations: int,
+                    queue) -> None:
+    """In a fresh process: growth of the peak resident size over the size before the trainer was built (network,
+    optimizer, teacher and the activations of ``iterations`` training iterations)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_ssl.trainers import TRAINERS
+
+    cls = nnUNetTrainer if trainer_name == "nnUNetTrainer" else TRAINERS[trainer_name]
+    base = _rss_kib("VmRSS")
+    _reset_peak_rss()
+    bench = Bench(cls, plans, configuration, dataset_json, torch.device("cpu"))
+    for _ in range(iterations):
+        bench.step()
+    queue.put((_rss_kib("VmHWM") - base) / 1024)
+
+
+def peak_cpu_memory_mib(trainer_name: str, plans: dict, configuration: str, dataset_json: dict,
+                        iterations: int) -> float:
+    # one process per trainer: in a shared process the allocator reuses what an earlier trainer freed
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_cpu_peak_child, args=(trainer_name, plans, configuration, dataset_json, iterations,
+                                                      queue))
+    proc.start()
+    peak = queue.get()
+    proc.join()
+    return peak
 
 
 def augmentation_cost(trainer, batches: int = 3) -> dict:
@@ -229,7 +255,11 @@ def main() -> None:
     for b in benches:
         for _ in range(args.warmup):
             b.step()
-    peaks = {b.name: b.peak_memory_mib(args.memory_iterations) for b in benches}
+    if device.type == "cuda":
+        peaks = {b.name: b.peak_cuda_memory_mib(args.memory_iterations) for b in benches}
+    else:
+        peaks = {b.name: peak_cpu_memory_mib(b.name, plans, args.c, dataset_json, args.memory_iterations)
+                 for b in benches}
     times: dict[str, list[float]] = {b.name: [] for b in benches}
     for _ in range(args.iterations):
         for b in benches:

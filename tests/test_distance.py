@@ -110,3 +110,21 @@ def test_transform_regions_with_ignore_channel():
     assert organ_line[10] == pytest.approx(3 / 8) and organ_line[15] == pytest.approx(1.0)
     lesion_line = sdf[1, :, 0].numpy()
     assert lesion_line[2] == 0 and lesion_line[0] == pytest.approx(-1.0) and lesion_line[15] == pytest.approx(1.0)
+
+
+def test_softmax_classes_share_transforms_without_changing_the_result():
+    # classes partition the annotated voxels, so inside distances come from the other classes' outside distances;
+    # the result must equal one-mask-at-a-time computation, with and without an ignored region
+    rng = np.random.default_rng(0)
+    from scipy.ndimage import gaussian_filter
+
+    field = gaussian_filter(rng.standard_normal((20, 18, 16)), 2.5)
+    labels = np.digitize(field, np.quantile(field, [0.5, 0.8]))
+    known = np.ones(labels.shape, bool)
+    known[:, :, :4] = False
+    for k in (None, known):
+        shared = normalized_signed_distances([labels == c for c in range(3)], k, spacing=(1.5, 1.0, 1.0))
+        alone = np.stack([normalized_signed_distances([labels == c], k, spacing=(1.5, 1.0, 1.0))[0]
+                          for c in range(3)])
+        valid = np.ones(labels.shape, bool) if k is None else k
+        assert np.array_equal(shared[:, valid], alone[:, valid])

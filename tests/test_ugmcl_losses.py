@@ -17,7 +17,6 @@ from nnunet_ssl.methods.ugmcl.losses import (
 )
 from nnunet_ssl.training.uncertainty import (
     certainty_mask,
-    mean_probabilities,
     predictive_entropy,
     uncertainty_threshold,
 )
@@ -95,11 +94,10 @@ def test_total_objective_eq7():
     assert total_objective(torch.tensor(2.0), None, torch.tensor(1.0), 0.0, 0.5).item() == pytest.approx(2.5)
 
 
-def test_mean_probabilities_and_entropy_eq3():
-    # T = 2 passes, one voxel, two classes: softmax of (ln 3, 0) = (0.75, 0.25) and of (0, 0) = (0.5, 0.5)
-    logits = torch.tensor([[[[math.log(3.0)], [0.0]]], [[[0.0], [0.0]]]])  # (T=2, B=1, C=2, 1)
-    p = mean_probabilities(logits, regions=False)
-    assert p[0, :, 0].tolist() == pytest.approx([0.625, 0.375])
+def test_entropy_eq3():
+    # T = 2 passes, one voxel, two classes: softmax of (ln 3, 0) = (0.75, 0.25) and of (0, 0) = (0.5, 0.5);
+    # p-hat = (0.625, 0.375)
+    p = torch.tensor([[[0.625], [0.375]]])
     u = predictive_entropy(p, regions=False)
     assert u.shape == (1, 1, 1)
     assert u.item() == pytest.approx(-(0.625 * math.log(0.625) + 0.375 * math.log(0.375)))
@@ -114,8 +112,6 @@ def test_region_entropy_is_binary_per_channel():
     assert u.shape == (1, 2, 1)
     assert u[0, 0, 0].item() == pytest.approx(math.log(2))
     assert u[0, 1, 0].item() == pytest.approx(-(0.9 * math.log(0.9) + 0.1 * math.log(0.1)))
-    # sigmoid passes averaged: sigmoid(0) = 0.5 and sigmoid(ln 3) = 0.75 -> 0.625
-    assert mean_probabilities(torch.tensor([[[0.0]], [[math.log(3.0)]]]), True).item() == pytest.approx(0.625)
 
 
 def test_threshold_and_mask_by_hand():

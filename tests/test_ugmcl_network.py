@@ -78,26 +78,37 @@ def test_channel_dropout_drops_whole_channels():
     assert 0 < (per_channel == 0).all(2).float().mean() < 1
 
 
-def test_mc_predict_shapes_and_stochasticity():
+def softmax(logits):
+    return torch.softmax(logits, 1)
+
+
+def test_mc_predict_is_the_mean_of_full_stochastic_passes():
     torch.manual_seed(0)
-    dual = DualTaskUNet(make_unet("plain", 3, num_classes=2)).eval()
+    dual = DualTaskUNet(make_unet("plain", 3, num_classes=2))
     x = torch.randn(2, 2, 16, 16, 16)
-    logits, sdf = dual.mc_predict(x, passes=5)
-    assert logits.shape == (5, 2, 2, 16, 16, 16) and sdf.shape == (5, 2, 2, 16, 16, 16)
-    assert not torch.allclose(logits[0], logits[1])  # independent masks per pass
-    assert not logits.requires_grad
-    # without dropout every pass is the deterministic forward: the shared trunk is what T full passes compute
-    dual.dropout_p = 0.0
-    logits, sdf = dual.mc_predict(x, passes=3)
+    torch.manual_seed(1)
+    probs, sdf = dual.mc_predict(x, passes=3, nonlin=softmax, passes_per_call=1)
+    assert probs.shape == (2, 2, 16, 16, 16) and sdf.shape == (2, 2, 16, 16, 16) and not probs.requires_grad
+    # three full training-mode forward passes draw the same dropout masks in the same order: the trunk computed
+    # once gives exactly what T separate stochastic passes give
+    dual.train()
+    torch.manual_seed(1)
     with torch.no_grad():
-        dual.decoder.deep_supervision = False
-        ref_seg, ref_sdf = dual(x, return_sdf=True)
-    for t in range(3):
-        assert torch.allclose(logits[t], ref_seg, atol=1e-6) and torch.allclose(sdf[t], ref_sdf, atol=1e-6)
-    dual.dropout_p = 0.5
+        outs = [dual(x, return_sdf=True) for _ in range(3)]
+    assert torch.allclose(probs, sum(softmax(o[0][0]) for o in outs) / 3, atol=1e-6)
+    assert torch.allclose(sdf, sum(o[1] for o in outs) / 3, atol=1e-6)
+    # batching passes changes nothing but the speed
+    torch.manual_seed(1)
+    batched, batched_sdf = dual.mc_predict(x, passes=3, nonlin=softmax, passes_per_call=3)
+    assert torch.allclose(batched, probs, atol=1e-6) and torch.allclose(batched_sdf, sdf, atol=1e-6)
+    # the passes are stochastic: their mean is not the deterministic prediction
+    dual.eval()
+    dual.decoder.deep_supervision = False
+    with torch.no_grad():
+        assert not torch.allclose(softmax(dual(x)), probs, atol=1e-3)
     no_head = DualTaskUNet(make_unet("plain", 2), regression_head=False)
-    seg_only, none = no_head.mc_predict(torch.randn(1, 2, 16, 16), passes=2)
-    assert seg_only.shape == (2, 1, 3, 16, 16) and none is None
+    seg_only, none = no_head.mc_predict(torch.randn(1, 2, 16, 16), passes=2, nonlin=torch.sigmoid)
+    assert seg_only.shape == (1, 3, 16, 16) and none is None and seg_only.min() >= 0
 
 
 def test_rejects_other_layouts():

@@ -16,9 +16,12 @@ belongs to channel c of the segmentation output) or one per region for region-ba
   voxels out (their value here is that of the outside formula and carries no meaning).
 
 The distance transform is scipy's exact Euclidean one (``distance_transform_edt``). Per channel one transform
-runs on the whole patch (outside distances) and one on the object's bounding box grown by a voxel (inside
-distances; exact, since every voxel on that grown border is an annotated outside voxel); identical arrays are
-transformed once (for two classes, the background's distances are the foreground's, swapped).
+runs on the whole patch (outside distances: to the nearest object voxel). Inside distances (to the nearest
+annotated voxel outside the object) need no further transform for softmax classes, which partition the annotated
+voxels: the nearest voxel outside class c is the nearest voxel of one of the other classes, the minimum of their
+outside distances. For (overlapping) regions a second transform runs on the object's bounding box grown by a
+voxel (exact, since every voxel on that grown border is an annotated outside voxel); identical arrays are
+transformed once.
 """
 
 from __future__ import annotations
@@ -117,10 +120,17 @@ def normalized_signed_distances(masks: Sequence[np.ndarray], known: np.ndarray |
             regular.append(c)
     # whole-patch transforms first: a later inside transform of the same array is then a lookup
     d_outs = {c: _outside_distance(masks[c], cache) for c in regular}
+    # classes that partition the annotated voxels: the nearest voxel outside class c is the nearest voxel of some
+    # other class, so the inside distances are minima of the other classes' outside distances (no transform)
+    partition = len(regular) > 1 and np.array_equal(np.add.reduce([masks[c] for c in regular], dtype=np.uint8),
+                                                    known.astype(np.uint8))
     for c in regular:
         mask = masks[c]
         outside = known & ~mask
-        d_in = _inside_distance(mask, outside, cache)
+        if partition:
+            d_in = np.minimum.reduce([d_outs[o] for o in regular if o != c])
+        else:
+            d_in = _inside_distance(mask, outside, cache)
         sdf = np.zeros(shape, np.float32)
         sdf[outside] = d_outs[c][outside] / d_outs[c][outside].max()
         sdf[mask] = -d_in[mask] / d_in[mask].max()

@@ -18,11 +18,6 @@ def probabilities(logits: torch.Tensor, regions: bool, dim: int = 1) -> torch.Te
     return torch.sigmoid(logits) if regions else torch.softmax(logits, dim)
 
 
-def mean_probabilities(logits: torch.Tensor, regions: bool) -> torch.Tensor:
-    """Eq. 3, p-hat: the probabilities of T passes, ``logits`` shaped (T, B, C, ...), averaged over the passes."""
-    return probabilities(logits.float(), regions, dim=2).mean(0)
-
-
 def predictive_entropy(probs: torch.Tensor, regions: bool) -> torch.Tensor:
     """Eq. 3, u = -sum_i p-hat_i ln p-hat_i over the classes (dim 1, kept: (B, 1, ...)); for regions the
     binary entropy of every region channel ((B, R, ...)). 0 ln 0 counts as 0."""

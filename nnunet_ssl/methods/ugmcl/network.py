@@ -15,11 +15,14 @@ Inference (eval mode, ``forward(x)``) is nnU-Net's decoder call on the encoder's
 not computed and the outputs are the plain U-Net's for the same weights. Without the regression head the state
 dict is exactly nnU-Net's.
 
-The teacher's ``mc_predict`` runs T stochastic passes as one batched call: everything before the dropout is
-deterministic, so it is computed once and only the dropout and the heads run T times.
+The teacher's ``mc_predict`` runs T stochastic passes without gradient: everything before the dropout is
+deterministic, so it is computed once and only the dropout and the heads run T times, batched (two passes per
+call by default, to bound memory), averaged on the fly.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -99,16 +102,25 @@ class DualTaskUNet(nn.Module):
         return (outputs if dec.deep_supervision else outputs[0]), lres
 
     @torch.no_grad()
-    def mc_predict(self, x: torch.Tensor, passes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``passes`` stochastic passes with dropout sampled independently per pass, sample and channel.
-        Returns full-resolution segmentation logits and signed distance maps (None without a regression head),
-        shaped ``(passes, batch, channels, *spatial)``."""
+    def mc_predict(self, x: torch.Tensor, passes: int, nonlin: Callable[[torch.Tensor], torch.Tensor],
+                   passes_per_call: int = 2) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``passes`` stochastic passes (dropout sampled independently per pass, sample and channel), averaged:
+        the mean of ``nonlin(logits)`` at full resolution and the mean signed distance maps (None without a
+        regression head), float32. The trunk runs once; the heads run on ``passes_per_call`` stacked copies of
+        the features at a time, which bounds the memory of the passes to that of a few forward passes."""
         _, features = self.decode(self.encoder(x), drop=False, heads=False)
-        batch = features.shape[0]
-        stacked = self.dropout(features.repeat(passes, *([1] * (features.ndim - 1))))  # pass-major
-        logits = self.decoder.seg_layers[-1](stacked)
-        logits = logits.view(passes, batch, *logits.shape[1:])
-        if self.sdf_head is None:
-            return logits, None
-        sdf = self.sdf_head(stacked)
-        return logits, sdf.view(passes, batch, *sdf.shape[1:])
+        ones = [1] * (features.ndim - 1)
+        probs_sum, sdf_sum = None, None
+        done = 0
+        while done < passes:
+            n = min(passes_per_call, passes - done)
+            stacked = self.dropout(features.repeat(n, *ones))  # pass-major
+            probs = nonlin(self.decoder.seg_layers[-1](stacked).float())
+            probs = probs.view(n, *features.shape[:1], *probs.shape[1:]).sum(0)
+            probs_sum = probs if probs_sum is None else probs_sum + probs
+            if self.sdf_head is not None:
+                sdf = self.sdf_head(stacked).float()
+                sdf = sdf.view(n, *features.shape[:1], *sdf.shape[1:]).sum(0)
+                sdf_sum = sdf if sdf_sum is None else sdf_sum + sdf
+            done += n
+        return probs_sum / passes, None if sdf_sum is None else sdf_sum / passes

@@ -14,6 +14,7 @@ passes without gradient, then one loss, one backward, one optimizer step and the
 
 from __future__ import annotations
 
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -37,7 +38,6 @@ from nnunet_ssl.training.ramps import RAMPS, rampup
 from nnunet_ssl.training.teacher import TEACHER_HPARAMS, TeacherMixin
 from nnunet_ssl.training.uncertainty import (
     certainty_mask,
-    mean_probabilities,
     predictive_entropy,
     probabilities,
     uncertainty_threshold,
@@ -178,8 +178,8 @@ class MeanTeacherTrainer(TeacherMixin, ConsistencyTrainerBase):
         ``x`` plus clipped Gaussian noise (no gradient)."""
         h = self.hparams
         noise = (torch.randn_like(x) * h["teacher_noise_std"]).clamp(-h["teacher_noise_clip"], h["teacher_noise_clip"])
-        logits, sdf = self.teacher.module.mc_predict(x + noise, self.mc_passes())
-        return mean_probabilities(logits, self.regions), None if sdf is None else sdf.float().mean(0)
+        return self.teacher.module.mc_predict(x + noise, self.mc_passes(), partial(probabilities,
+                                                                                   regions=self.regions))
 
     def teacher_consistency(self, student_probs: torch.Tensor,
                             teacher_probs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -188,12 +188,12 @@ class MeanTeacherTrainer(TeacherMixin, ConsistencyTrainerBase):
     def compute_losses(self, data, target, data_unlabeled):
         n_l = data.shape[0]
         x = torch.cat((data, data_unlabeled))
+        images = _images(self.hparams["consistency_on"], n_l)
+        teacher_probs, _ = self.teacher_prediction(x[images])  # first: its memory is freed before the student's
         output = self.network(x)
         seg_target, _ = self.split_target(target)
         supervised = self.supervised_loss(output, seg_target, n_l)
-        images = _images(self.hparams["consistency_on"], n_l)
         student_probs = probabilities(self.full_resolution(output)[images].float(), self.regions)
-        teacher_probs, _ = self.teacher_prediction(x[images])
         consistency, extra = self.teacher_consistency(student_probs, teacher_probs)
         weight = self.unsupervised_weight()
         return {"loss": supervised + weight * consistency, "loss_supervised": supervised,
@@ -294,13 +294,13 @@ class UGMCLTrainer(SignedDistanceMixin, UAMTTrainer):
         h = self.hparams
         n_l = data.shape[0]
         x = torch.cat((data, data_unlabeled))
+        intra = _images(h["consistency_on"], n_l)
+        teacher_probs, teacher_sdf = self.teacher_prediction(x[intra])  # before the student: see MeanTeacherTrainer
+        mask = self.certainty(teacher_probs)
         output, sdf = self.network(x, return_sdf=True)
         seg_loss, sdf_loss = self.dual_task_supervised(output, sdf, target, n_l)
         probs = probabilities(self.full_resolution(output).float(), self.regions)
 
-        intra = _images(h["consistency_on"], n_l)
-        teacher_probs, teacher_sdf = self.teacher_prediction(x[intra])
-        mask = self.certainty(teacher_probs)
         itc = intra_task_consistency(probs[intra], teacher_probs, sdf[intra], teacher_sdf, mask, h["beta"])
         cross = _images(h["cross_task_on"], n_l)
         ctc = cross_task_consistency(probs[cross], sdf[cross], h["sdf_k"])
