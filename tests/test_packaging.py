@@ -16,7 +16,8 @@ from nnunet_ssl.methods.must.trainer import MuSTTrainer
 
 def test_nnunet_finds_the_trainers_through_the_shims(monkeypatch):
     monkeypatch.setenv("nnUNet_extTrainer", str(trainers_path()))
-    for name in ("MuSTTrainer", "SupervisedTrainer"):
+    for name in ("MuSTTrainer", "SupervisedTrainer", "UGMCLTrainer", "MeanTeacherTrainer", "UAMTTrainer",
+                 "DTCTrainer"):
         cls = recursive_find_trainer_class_by_name(name)
         assert cls.__name__ == name and cls.__module__.startswith("nnunet_ssl.")
     # the class nnU-Net returns is the package's (picklable by name), not a copy from the shim module
