@@ -6,7 +6,7 @@ an iteration (forward, losses, backward, optimizer step, teacher update; mixed p
 CUDA as nnU-Net does), not data loading, which runs in background workers. Semi-supervised trainers also draw
 an unlabeled batch of the labeled batch size. Iteration times are taken in interleaved rounds (one iteration of
 every trainer per round, the median over rounds), so that a change of machine load hits all trainers alike.
-Inference (the network in eval mode, no deep supervision) is timed too.
+Inference (one patch through the network in eval mode, no deep supervision) is timed in rounds too.
 
 For trainers with signed distance targets (DTCTrainer, UGMCLTrainer), the cost of those targets in the
 augmentation workers is measured on the dataset's own preprocessed cases: nnU-Net's augmentation of one labeled
@@ -124,22 +124,20 @@ class Bench:
             self.step()
         return torch.cuda.max_memory_allocated() / 2**20
 
-    def inference_seconds(self, iterations: int, warmup: int) -> float:
+    def inference_seconds(self) -> float:
+        """One forward pass of one patch in eval mode without deep supervision (what the predictor runs)."""
         t = self.trainer
         t.set_deep_supervision_enabled(False)
         t.network.eval()
         x = self.batches[0]["data"][:1].to(self.device)
         with torch.no_grad(), torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-            for _ in range(max(1, warmup)):
-                t.network(x)
             _sync(self.device)
             start = time.perf_counter()
-            for _ in range(iterations):
-                t.network(x)
+            t.network(x)
             _sync(self.device)
         t.set_deep_supervision_enabled(t.enable_deep_supervision)
         t.network.train()
-        return (time.perf_counter() - start) / iterations
+        return time.perf_counter() - start
 
 
 def _cpu_peak_child(trainer_name: str, plans: dict, configuration: str, dataset_json: dict, iterations: int,
@@ -172,7 +170,7 @@ def peak_cpu_memory_mib(trainer_name: str, plans: dict, configuration: str, data
     return peak
 
 
-def augmentation_cost(trainer, batches: int = 3) -> dict:
+def augmentation_cost(trainer, batches: int = 8) -> dict:
     """nnU-Net's augmentation of labeled batches from the preprocessed cases, without and with the signed
     distance transform appended (one process, one thread: what one augmentation worker does)."""
     from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
@@ -264,11 +262,17 @@ def main() -> None:
     for _ in range(args.iterations):
         for b in benches:
             times[b.name].append(b.step())
+    inference: dict[str, list[float]] = {b.name: [] for b in benches}
+    for r in range(args.iterations + 1):
+        for b in benches:
+            seconds = b.inference_seconds()
+            if r > 0:  # the first round warms up
+                inference[b.name].append(seconds)
     results = []
     for b in benches:
         results.append({"trainer": b.name, "seconds_per_iteration": statistics.median(times[b.name]),
                         "peak_memory_mib": peaks[b.name],
-                        "inference_seconds_per_patch": b.inference_seconds(max(3, args.iterations // 2), 1),
+                        "inference_seconds_per_patch": statistics.median(inference[b.name]),
                         "batch_size": b.trainer.batch_size,
                         "patch_size": list(b.trainer.configuration_manager.patch_size)})
     base = results[0]

@@ -82,33 +82,38 @@ def softmax(logits):
     return torch.softmax(logits, 1)
 
 
-def test_mc_predict_is_the_mean_of_full_stochastic_passes():
+def test_mc_predict_equals_full_stochastic_passes():
     torch.manual_seed(0)
     dual = DualTaskUNet(make_unet("plain", 3, num_classes=2))
     x = torch.randn(2, 2, 16, 16, 16)
-    torch.manual_seed(1)
-    probs, sdf = dual.mc_predict(x, passes=3, nonlin=softmax, passes_per_call=1)
-    assert probs.shape == (2, 2, 16, 16, 16) and sdf.shape == (2, 2, 16, 16, 16) and not probs.requires_grad
-    # three full training-mode forward passes draw the same dropout masks in the same order: the trunk computed
-    # once gives exactly what T separate stochastic passes give
+    masks = dual.dropout_masks(3, 2, 4, x)  # 3 passes, 2 samples, 4 channels of the last decoder stage
+    assert set(masks.unique().tolist()) == {0.0, 2.0}
+    dual.dropout_masks = lambda *args: masks
+    pred = dual.mc_predict(x, passes=3, nonlin=softmax)
+    assert pred.mean_probs.shape == pred.probs.shape == pred.sdf.shape == (2, 2, 16, 16, 16)
+    assert not pred.mean_probs.requires_grad
+    # the same masks through three full training-mode forward passes (the trunk recomputed every time)
     dual.train()
-    torch.manual_seed(1)
+    outs = []
     with torch.no_grad():
-        outs = [dual(x, return_sdf=True) for _ in range(3)]
-    assert torch.allclose(probs, sum(softmax(o[0][0]) for o in outs) / 3, atol=1e-6)
-    assert torch.allclose(sdf, sum(o[1] for o in outs) / 3, atol=1e-6)
-    # batching passes changes nothing but the speed
-    torch.manual_seed(1)
-    batched, batched_sdf = dual.mc_predict(x, passes=3, nonlin=softmax, passes_per_call=3)
-    assert torch.allclose(batched, probs, atol=1e-6) and torch.allclose(batched_sdf, sdf, atol=1e-6)
-    # the passes are stochastic: their mean is not the deterministic prediction
-    dual.eval()
-    dual.decoder.deep_supervision = False
+        for t in range(3):
+            dual.dropout = lambda f, t=t: f * masks[t].view(2, 4, 1, 1, 1)
+            outs.append(dual(x, return_sdf=True))
+    assert torch.allclose(pred.mean_probs, sum(softmax(o[0][0]) for o in outs) / 3, atol=1e-6)
+    assert torch.allclose(pred.probs, softmax(outs[0][0][0]), atol=1e-6)
+    assert torch.allclose(pred.sdf, outs[0][1], atol=1e-6)
+    assert not torch.allclose(softmax(outs[0][0][0]), softmax(outs[1][0][0]))  # the passes differ
+
+
+def test_mc_predict_without_regression_head_and_without_dropout():
+    torch.manual_seed(0)
+    net = DualTaskUNet(make_unet("plain", 2), regression_head=False, dropout_p=0.0).eval()
+    x = torch.randn(1, 2, 16, 16)
+    pred = net.mc_predict(x, passes=2, nonlin=torch.sigmoid)
+    assert pred.sdf is None and pred.probs.shape == (1, 3, 16, 16)
+    net.decoder.deep_supervision = False
     with torch.no_grad():
-        assert not torch.allclose(softmax(dual(x)), probs, atol=1e-3)
-    no_head = DualTaskUNet(make_unet("plain", 2), regression_head=False)
-    seg_only, none = no_head.mc_predict(torch.randn(1, 2, 16, 16), passes=2, nonlin=torch.sigmoid)
-    assert seg_only.shape == (1, 3, 16, 16) and none is None and seg_only.min() >= 0
+        assert torch.allclose(pred.mean_probs, torch.sigmoid(net(x)), atol=1e-6)
 
 
 def test_rejects_other_layouts():

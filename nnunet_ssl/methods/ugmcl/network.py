@@ -16,18 +16,28 @@ not computed and the outputs are the plain U-Net's for the same weights. Without
 dict is exactly nnU-Net's.
 
 The teacher's ``mc_predict`` runs T stochastic passes without gradient: everything before the dropout is
-deterministic, so it is computed once and only the dropout and the heads run T times, batched (two passes per
-call by default, to bound memory), averaged on the fly.
+deterministic, so it is computed once, and only the dropout and the segmentation head (a 1x1 convolution) run
+T times, in one batched product.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU
 from torch import nn
+
+
+class MCPrediction(NamedTuple):
+    """The teacher's stochastic passes: p-hat (mean probabilities of all passes, for the uncertainty) and the
+    probabilities and signed distance maps of the first pass (the consistency targets), float32."""
+
+    mean_probs: torch.Tensor
+    probs: torch.Tensor
+    sdf: torch.Tensor | None
 
 
 class DualTaskUNet(nn.Module):
@@ -101,26 +111,31 @@ class DualTaskUNet(nn.Module):
         outputs = outputs[::-1]
         return (outputs if dec.deep_supervision else outputs[0]), lres
 
+    def dropout_masks(self, passes: int, batch: int, channels: int, like: torch.Tensor) -> torch.Tensor:
+        """Channel-dropout multipliers per pass, sample and channel: 0 or 1 / (1 - p), as ``dropout`` samples."""
+        keep = torch.ones((passes, batch, channels), device=like.device, dtype=torch.float32)
+        if self.dropout_p > 0:
+            keep.bernoulli_(1.0 - self.dropout_p).div_(1.0 - self.dropout_p)
+        return keep
+
     @torch.no_grad()
-    def mc_predict(self, x: torch.Tensor, passes: int, nonlin: Callable[[torch.Tensor], torch.Tensor],
-                   passes_per_call: int = 2) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``passes`` stochastic passes (dropout sampled independently per pass, sample and channel), averaged:
-        the mean of ``nonlin(logits)`` at full resolution and the mean signed distance maps (None without a
-        regression head), float32. The trunk runs once; the heads run on ``passes_per_call`` stacked copies of
-        the features at a time, which bounds the memory of the passes to that of a few forward passes."""
+    def mc_predict(self, x: torch.Tensor, passes: int,
+                   nonlin: Callable[[torch.Tensor], torch.Tensor]) -> MCPrediction:
+        """``passes`` stochastic passes without gradient, dropout sampled independently per pass, sample and
+        channel. The trunk runs once. The segmentation head is a 1x1 convolution, so a pass with channel mask m
+        is the head's weights scaled by m applied to the shared features: all passes in one batched product,
+        without copies of the features. The regression head runs for the first pass only."""
         _, features = self.decode(self.encoder(x), drop=False, heads=False)
-        ones = [1] * (features.ndim - 1)
-        probs_sum, sdf_sum = None, None
-        done = 0
-        while done < passes:
-            n = min(passes_per_call, passes - done)
-            stacked = self.dropout(features.repeat(n, *ones))  # pass-major
-            probs = nonlin(self.decoder.seg_layers[-1](stacked).float())
-            probs = probs.view(n, *features.shape[:1], *probs.shape[1:]).sum(0)
-            probs_sum = probs if probs_sum is None else probs_sum + probs
-            if self.sdf_head is not None:
-                sdf = self.sdf_head(stacked).float()
-                sdf = sdf.view(n, *features.shape[:1], *sdf.shape[1:]).sum(0)
-                sdf_sum = sdf if sdf_sum is None else sdf_sum + sdf
-            done += n
-        return probs_sum / passes, None if sdf_sum is None else sdf_sum / passes
+        batch, channels = features.shape[:2]
+        keep = self.dropout_masks(passes, batch, channels, features)
+        head = self.decoder.seg_layers[-1]
+        weights = head.weight.flatten(1)[None, None] * keep[:, :, None, :]  # (passes, batch, classes, channels)
+        logits = torch.einsum("tbkc,bcv->tbkv", weights.to(features.dtype), features.flatten(2))
+        logits = logits.float() + head.bias.float()[None, None, :, None]
+        probs = nonlin(logits.reshape(passes * batch, -1, *features.shape[2:]))
+        probs = probs.view(passes, batch, *probs.shape[1:])
+        sdf = None
+        if self.sdf_head is not None:
+            first = features * keep[0].to(features.dtype).view(batch, channels, *([1] * (features.ndim - 2)))
+            sdf = self.sdf_head(first).float()
+        return MCPrediction(probs.mean(0), probs[0], sdf)

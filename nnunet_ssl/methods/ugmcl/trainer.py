@@ -30,7 +30,7 @@ from nnunet_ssl.methods.ugmcl.losses import (
     supervised_objective,
     total_objective,
 )
-from nnunet_ssl.methods.ugmcl.network import DualTaskUNet
+from nnunet_ssl.methods.ugmcl.network import DualTaskUNet, MCPrediction
 from nnunet_ssl.training.base import SSL_HPARAMS, SemiSupervisedTrainer
 from nnunet_ssl.training.distance import SignedDistanceTransform
 from nnunet_ssl.training.hparams import HParam
@@ -173,28 +173,27 @@ class MeanTeacherTrainer(TeacherMixin, ConsistencyTrainerBase):
     def mc_passes(self) -> int:
         return 1  # the mean teacher's target is one stochastic pass
 
-    def teacher_prediction(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The teacher's probabilities and signed distance maps, averaged over its stochastic passes, for
-        ``x`` plus clipped Gaussian noise (no gradient)."""
+    def teacher_prediction(self, x: torch.Tensor) -> MCPrediction:
+        """The teacher's stochastic passes on ``x`` plus clipped Gaussian noise (no gradient): p-hat over the
+        passes, and the probabilities and signed distance maps of one pass (the consistency targets)."""
         h = self.hparams
         noise = (torch.randn_like(x) * h["teacher_noise_std"]).clamp(-h["teacher_noise_clip"], h["teacher_noise_clip"])
-        return self.teacher.module.mc_predict(x + noise, self.mc_passes(), partial(probabilities,
-                                                                                   regions=self.regions))
+        return self.teacher.module.mc_predict(x + noise, self.mc_passes(), partial(probabilities, regions=self.regions))
 
     def teacher_consistency(self, student_probs: torch.Tensor,
-                            teacher_probs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return mean_teacher_consistency(student_probs, teacher_probs), {}
+                            teacher: MCPrediction) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return mean_teacher_consistency(student_probs, teacher.probs), {}
 
     def compute_losses(self, data, target, data_unlabeled):
         n_l = data.shape[0]
         x = torch.cat((data, data_unlabeled))
         images = _images(self.hparams["consistency_on"], n_l)
-        teacher_probs, _ = self.teacher_prediction(x[images])  # first: its memory is freed before the student's
+        teacher = self.teacher_prediction(x[images])  # first: its memory is freed before the student's
         output = self.network(x)
         seg_target, _ = self.split_target(target)
         supervised = self.supervised_loss(output, seg_target, n_l)
         student_probs = probabilities(self.full_resolution(output)[images].float(), self.regions)
-        consistency, extra = self.teacher_consistency(student_probs, teacher_probs)
+        consistency, extra = self.teacher_consistency(student_probs, teacher)
         weight = self.unsupervised_weight()
         return {"loss": supervised + weight * consistency, "loss_supervised": supervised,
                 "loss_consistency": consistency, **extra, "consistency_weight": torch.tensor(weight)}
@@ -208,15 +207,15 @@ class UAMTTrainer(MeanTeacherTrainer):
     def mc_passes(self) -> int:
         return self.hparams["mc_passes"]
 
-    def certainty(self, teacher_probs: torch.Tensor) -> torch.Tensor:
-        """I(u < u_th) from the teacher's mean probabilities (eq. 3; threshold ramped as in UA-MT)."""
+    def certainty(self, teacher: MCPrediction) -> torch.Tensor:
+        """I(u < u_th) from p-hat, the teacher's mean probabilities (eq. 3; threshold ramped as in UA-MT)."""
         num_classes = 2 if self.regions else self.label_manager.num_segmentation_heads
-        return certainty_mask(predictive_entropy(teacher_probs, self.regions),
+        return certainty_mask(predictive_entropy(teacher.mean_probs, self.regions),
                               uncertainty_threshold(self.ramp(), num_classes))
 
-    def teacher_consistency(self, student_probs, teacher_probs):
-        mask = self.certainty(teacher_probs)
-        return mean_teacher_consistency(student_probs, teacher_probs, mask), {"certain_fraction": mask.mean()}
+    def teacher_consistency(self, student_probs, teacher):
+        mask = self.certainty(teacher)
+        return mean_teacher_consistency(student_probs, teacher.probs, mask), {"certain_fraction": mask.mean()}
 
 
 class SignedDistanceMixin:
@@ -295,13 +294,13 @@ class UGMCLTrainer(SignedDistanceMixin, UAMTTrainer):
         n_l = data.shape[0]
         x = torch.cat((data, data_unlabeled))
         intra = _images(h["consistency_on"], n_l)
-        teacher_probs, teacher_sdf = self.teacher_prediction(x[intra])  # before the student: see MeanTeacherTrainer
-        mask = self.certainty(teacher_probs)
+        teacher = self.teacher_prediction(x[intra])  # before the student: see MeanTeacherTrainer
+        mask = self.certainty(teacher)
         output, sdf = self.network(x, return_sdf=True)
         seg_loss, sdf_loss = self.dual_task_supervised(output, sdf, target, n_l)
         probs = probabilities(self.full_resolution(output).float(), self.regions)
 
-        itc = intra_task_consistency(probs[intra], teacher_probs, sdf[intra], teacher_sdf, mask, h["beta"])
+        itc = intra_task_consistency(probs[intra], teacher.probs, sdf[intra], teacher.sdf, mask, h["beta"])
         cross = _images(h["cross_task_on"], n_l)
         ctc = cross_task_consistency(probs[cross], sdf[cross], h["sdf_k"])
 
