@@ -9,6 +9,8 @@ from nnunet_ssl.methods.local_contrastive.trainer import LocalContrastiveTrainer
 from nnunet_ssl.methods.mismatch.trainer import MisMatchTrainer
 from nnunet_ssl.methods.must.trainer import MuSTTrainer
 from nnunet_ssl.methods.popcorn.trainer import POPCORNTrainer
+from nnunet_ssl.methods.ugmcl.trainer import DTCTrainer, MeanTeacherTrainer, UAMTTrainer, UGMCLTrainer
 from nnunet_ssl.training.supervised import SupervisedTrainer
 
-__all__ = ["LocalContrastiveTrainer", "MisMatchTrainer", "MuSTTrainer", "POPCORNTrainer", "SupervisedTrainer"]
+__all__ = ["DTCTrainer", "LocalContrastiveTrainer", "MeanTeacherTrainer", "MisMatchTrainer", "MuSTTrainer",
+           "POPCORNTrainer", "SupervisedTrainer", "UAMTTrainer", "UGMCLTrainer"]

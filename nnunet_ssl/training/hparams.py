@@ -31,18 +31,20 @@ class HParam:
     high: float | None = None
     choices: tuple | None = None
     optional: bool = False  # None is accepted (and means "derive it", see help)
+    high_exclusive: bool = False  # the upper bound itself is not accepted: [low, high)
 
     def requirement(self) -> str:
         if self.choices is not None:
             req = "one of " + ", ".join(repr(c) for c in self.choices)
         else:
             req = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[self.kind]
+            close = ")" if self.high_exclusive else "]"
             if self.low is not None and self.high is not None:
-                req += f" in [{self.low}, {self.high}]"
+                req += f" in [{self.low}, {self.high}{close}"
             elif self.low is not None:
                 req += f" >= {self.low}"
             elif self.high is not None:
-                req += f" <= {self.high}"
+                req += f" {'<' if self.high_exclusive else '<='} {self.high}"
         return req + (" or null" if self.optional else "")
 
     def validate(self, name: str, value: Any) -> Any:
@@ -66,7 +68,8 @@ class HParam:
             raise bad
         if self.choices is not None and value not in self.choices:
             raise bad
-        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+        if (self.low is not None and value < self.low) or (self.high is not None and (
+                value >= self.high if self.high_exclusive else value > self.high)):
             raise bad
         return value
 

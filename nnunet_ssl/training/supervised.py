@@ -88,6 +88,11 @@ class SupervisedTrainer(nnUNetTrainer):
         mod = self.network.module if self.is_ddp else self.network
         return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
 
+    def checkpoint_network_weights(self) -> dict[str, torch.Tensor]:
+        """The checkpoint's ``network_weights`` (what nnU-Net's predictor loads): the student's by default. A
+        method exporting other weights keeps the student's in its extra state, so that ``--c`` resumes it."""
+        return self.unwrapped_network().state_dict()
+
     def extra_checkpoint_state(self) -> dict[str, Any]:
         """Method state saved with the checkpoint (override and call super)."""
         return {"hparams": dict(self.hparams)}
@@ -104,7 +109,7 @@ class SupervisedTrainer(nnUNetTrainer):
             self.print_to_log_file("No checkpoint written, checkpointing is disabled")
             return
         checkpoint = {
-            "network_weights": self.unwrapped_network().state_dict(),
+            "network_weights": self.checkpoint_network_weights(),
             "optimizer_state": self.optimizer.state_dict(),
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             "logging": self.logger.get_checkpoint(),

@@ -1,0 +1,311 @@
+"""UG-MCL and the mean-teacher family on nnU-Net's planned U-Net.
+
+- ``MeanTeacherTrainer``: EMA teacher, MSE between student and teacher probabilities (Tarvainen & Valpola 2017).
+- ``UAMTTrainer``: the same consistency, masked by the teacher's Monte-Carlo uncertainty (Yu et al. 2019).
+- ``DTCTrainer``: dual-task network (segmentation + signed distance regression), cross-task consistency, no
+  teacher (Luo et al. 2021; row 4 of the UG-MCL ablation).
+- ``UGMCLTrainer``: all of it: eq. 2 supervised loss, uncertainty-masked intra-task consistency of both
+  branches (eq. 3-4), cross-task consistency (eq. 5-6), ramped weights (eq. 7).
+
+One iteration: the labeled and the unlabeled batch go through the student in one call (dropout active), the
+teacher (EMA weights, never compiled) gets the same patches with Gaussian input noise and runs its stochastic
+passes without gradient, then one loss, one backward, one optimizer step and the teacher's EMA update.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import ClassVar
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import nn
+
+from nnunet_ssl.methods.ugmcl.losses import (
+    cross_task_consistency,
+    intra_task_consistency,
+    mean_teacher_consistency,
+    sdf_regression_loss,
+    supervised_objective,
+    total_objective,
+)
+from nnunet_ssl.methods.ugmcl.network import DualTaskUNet, MCPrediction
+from nnunet_ssl.training.base import SSL_HPARAMS, SemiSupervisedTrainer
+from nnunet_ssl.training.distance import SignedDistanceTransform
+from nnunet_ssl.training.hparams import HParam
+from nnunet_ssl.training.ramps import RAMPS, rampup
+from nnunet_ssl.training.teacher import TEACHER_HPARAMS, TeacherMixin
+from nnunet_ssl.training.uncertainty import (
+    certainty_mask,
+    predictive_entropy,
+    probabilities,
+    uncertainty_threshold,
+)
+
+WHICH_IMAGES = ("unlabeled", "all")
+
+COMMON_HPARAMS: dict[str, HParam] = {
+    **SSL_HPARAMS,
+    "consistency_weight": HParam(0.1, float, "Final weight lambda_i of the teacher consistency (eq. 7).", low=0.0),
+    "rampup": HParam("sigmoid", str, "Ramp-up of the weights and the uncertainty threshold: 'sigmoid' is the "
+                                     "Gaussian exp(-5 (1 - t/t_max)^2) of eq. 7.", choices=RAMPS),
+    "rampup_fraction": HParam(1.0, float, "t_max of the ramp-up as a fraction of all iterations (the paper: all).",
+                              low=0.0, high=1.0),
+    "dropout_p": HParam(0.5, float, "Channel dropout probability on the last decoder features (student training "
+                                    "and the teacher's Monte-Carlo passes).", low=0.0, high=1.0,
+                        high_exclusive=True),
+}
+MEAN_TEACHER_HPARAMS: dict[str, HParam] = {
+    **COMMON_HPARAMS,
+    **TEACHER_HPARAMS,
+    "teacher_noise_std": HParam(0.1, float, "Std of the Gaussian noise added to the teacher's input.", low=0.0),
+    "teacher_noise_clip": HParam(0.2, float, "The teacher's input noise is clipped to [-clip, clip].", low=0.0),
+    "consistency_on": HParam("unlabeled", str, "Images that get the teacher consistency term.",
+                             choices=WHICH_IMAGES),
+}
+UAMT_HPARAMS: dict[str, HParam] = {
+    **MEAN_TEACHER_HPARAMS,
+    "mc_passes": HParam(8, int, "Stochastic teacher passes T for the uncertainty (eq. 3).", low=1),
+}
+SDF_HPARAMS: dict[str, HParam] = {
+    "sdf_weight": HParam(1.0, float, "Weight of the signed distance regression loss L_dis in eq. 2.", low=0.0),
+    "cross_task_weight": HParam(0.1, float, "Final weight lambda_c of the cross-task consistency (eq. 7).",
+                                low=0.0),
+    "sdf_k": HParam(1500.0, float, "Transform factor k of the inverse transform sigmoid(-k sdf) (eq. 5).",
+                    low=1.0),
+    "cross_task_on": HParam("all", str, "Images that get the cross-task consistency term (eq. 6).",
+                            choices=WHICH_IMAGES),
+}
+DTC_HPARAMS: dict[str, HParam] = {
+    **{k: v for k, v in COMMON_HPARAMS.items() if k != "consistency_weight"},
+    **SDF_HPARAMS,
+}
+UGMCL_HPARAMS: dict[str, HParam] = {
+    **UAMT_HPARAMS,
+    **SDF_HPARAMS,
+    "consistency_on": HParam("all", str, "Images that get the intra-task consistency term (eq. 4; the paper: "
+                                         "labeled and unlabeled).", choices=WHICH_IMAGES),
+    "beta": HParam(0.75, float, "Balance beta between the segmentation and the regression term of eq. 4.",
+                   low=0.0, high=1.0),
+}
+
+
+def _network(plans_manager: PlansManager, configuration_manager: ConfigurationManager, num_input_channels: int,
+             num_output_channels: int, enable_deep_supervision: bool, regression_head: bool) -> DualTaskUNet:
+    return DualTaskUNet(nnUNetTrainer.build_network_architecture(
+        plans_manager, configuration_manager, num_input_channels, num_output_channels, enable_deep_supervision),
+        regression_head=regression_head)
+
+
+def _images(which: str, num_labeled: int) -> slice:
+    return slice(num_labeled, None) if which == "unlabeled" else slice(None)
+
+
+class ConsistencyTrainerBase(SemiSupervisedTrainer):
+    """What the four trainers share: the dropout U-Net, splitting and using nnU-Net's targets, the ramp."""
+
+    hparam_spec: ClassVar[dict[str, HParam]] = COMMON_HPARAMS
+    regression_head: ClassVar[bool] = False
+
+    @staticmethod
+    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        return _network(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                        enable_deep_supervision, regression_head=False)
+
+    def initialize(self):
+        super().initialize()
+        self.apply_method_hparams()
+
+    def apply_method_hparams(self) -> None:
+        """Hyper-parameters that live in modules (again after ``--c``, which restores the checkpoint's values)."""
+        self.unwrapped_network().dropout_p = self.hparams["dropout_p"]
+        teacher = getattr(self, "teacher", None)
+        if teacher is not None:
+            teacher.module.dropout_p = self.hparams["dropout_p"]
+
+    def load_extra_checkpoint_state(self, state: dict) -> None:
+        super().load_extra_checkpoint_state(state)
+        self.apply_method_hparams()
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def regions(self) -> bool:
+        return self.label_manager.has_regions
+
+    def ramp(self) -> float:
+        """The ramp-up of eq. 7 at the current iteration, in [0, 1]."""
+        total = self.num_epochs * self.num_iterations_per_epoch
+        return rampup(self.hparams["rampup"], self.global_step, round(self.hparams["rampup_fraction"] * total))
+
+    def split_target(self, target) -> tuple:
+        """(segmentation target as nnU-Net's loss takes it, signed distance target or None)."""
+        sdf = None
+        if self.regression_head:
+            *target, sdf = target
+        return (target if self.enable_deep_supervision else target[0]), sdf
+
+    def full_resolution(self, output):
+        return output[0] if self.enable_deep_supervision else output
+
+    def supervised_loss(self, output, seg_target, num_labeled: int) -> torch.Tensor:
+        """nnU-Net's Dice + CE (Dice + BCE for regions; deep supervision; ignore label) on the labeled part."""
+        if self.enable_deep_supervision:
+            return self.loss([o[:num_labeled] for o in output], seg_target)
+        return self.loss(output[:num_labeled], seg_target)
+
+    def annotated(self, seg_target) -> torch.Tensor | None:
+        """False where the full-resolution label is the ignore label ((B, 1, ...)); None without one."""
+        if not self.label_manager.has_ignore_label:
+            return None
+        full = self.full_resolution(seg_target)
+        if self.regions:
+            return ~full[:, -1:].bool()
+        return full != self.label_manager.ignore_label
+
+
+class MeanTeacherTrainer(TeacherMixin, ConsistencyTrainerBase):
+    hparam_spec: ClassVar[dict[str, HParam]] = MEAN_TEACHER_HPARAMS
+    extra_log_keys: ClassVar[tuple[str, ...]] = ("loss_supervised", "loss_consistency", "consistency_weight")
+
+    def mc_passes(self) -> int:
+        return 1  # the mean teacher's target is one stochastic pass
+
+    def teacher_prediction(self, x: torch.Tensor) -> MCPrediction:
+        """The teacher's stochastic passes on ``x`` plus clipped Gaussian noise (no gradient): p-hat over the
+        passes, and the probabilities and signed distance maps of one pass (the consistency targets)."""
+        h = self.hparams
+        noise = (torch.randn_like(x) * h["teacher_noise_std"]).clamp(-h["teacher_noise_clip"], h["teacher_noise_clip"])
+        return self.teacher.module.mc_predict(x + noise, self.mc_passes(), partial(probabilities, regions=self.regions))
+
+    def teacher_consistency(self, student_probs: torch.Tensor,
+                            teacher: MCPrediction) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return mean_teacher_consistency(student_probs, teacher.probs), {}
+
+    def compute_losses(self, data, target, data_unlabeled):
+        n_l = data.shape[0]
+        x = torch.cat((data, data_unlabeled))
+        images = _images(self.hparams["consistency_on"], n_l)
+        teacher = self.teacher_prediction(x[images])  # first: its memory is freed before the student's
+        output = self.network(x)
+        seg_target, _ = self.split_target(target)
+        supervised = self.supervised_loss(output, seg_target, n_l)
+        student_probs = probabilities(self.full_resolution(output)[images].float(), self.regions)
+        consistency, extra = self.teacher_consistency(student_probs, teacher)
+        weight = self.unsupervised_weight()
+        return {"loss": supervised + weight * consistency, "loss_supervised": supervised,
+                "loss_consistency": consistency, **extra, "consistency_weight": torch.tensor(weight)}
+
+
+class UAMTTrainer(MeanTeacherTrainer):
+    hparam_spec: ClassVar[dict[str, HParam]] = UAMT_HPARAMS
+    extra_log_keys: ClassVar[tuple[str, ...]] = ("loss_supervised", "loss_consistency", "certain_fraction",
+                                                 "consistency_weight")
+
+    def mc_passes(self) -> int:
+        return self.hparams["mc_passes"]
+
+    def certainty(self, teacher: MCPrediction) -> torch.Tensor:
+        """I(u < u_th) from p-hat, the teacher's mean probabilities (eq. 3; threshold ramped as in UA-MT)."""
+        num_classes = 2 if self.regions else self.label_manager.num_segmentation_heads
+        return certainty_mask(predictive_entropy(teacher.mean_probs, self.regions),
+                              uncertainty_threshold(self.ramp(), num_classes))
+
+    def teacher_consistency(self, student_probs, teacher):
+        mask = self.certainty(teacher)
+        return mean_teacher_consistency(student_probs, teacher.probs, mask), {"certain_fraction": mask.mean()}
+
+
+class SignedDistanceMixin:
+    """The regression head, signed distance targets (in the augmentation workers) and their losses."""
+
+    regression_head: ClassVar[bool] = True
+
+    @staticmethod
+    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        return _network(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                        enable_deep_supervision, regression_head=True)
+
+    def signed_distance_transform(self) -> SignedDistanceTransform:
+        lm = self.label_manager
+        return SignedDistanceTransform(None if lm.has_regions else lm.all_labels, lm.ignore_label,
+                                       self.configuration_manager.spacing)
+
+    def get_dataloaders(self):
+        # nnU-Net builds the labeled training pipeline inside get_dataloaders; only that one gets the targets
+        self._labeled_pipeline = True
+        try:
+            return super().get_dataloaders()
+        finally:
+            self._labeled_pipeline = False
+
+    def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
+                                do_dummy_2d_data_aug, use_mask_for_norm=None, is_cascaded=False, foreground_labels=None,
+                                regions=None, ignore_label=None):
+        transforms = super().get_training_transforms(
+            patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
+            use_mask_for_norm=use_mask_for_norm, is_cascaded=is_cascaded, foreground_labels=foreground_labels,
+            regions=regions, ignore_label=ignore_label)
+        if getattr(self, "_labeled_pipeline", False):
+            transforms.transforms.append(self.signed_distance_transform())
+        return transforms
+
+    def dual_task_supervised(self, output, sdf, target, num_labeled: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nnU-Net's Dice + CE, L_dis) of eq. 2 on the labeled part."""
+        seg_target, sdf_target = self.split_target(target)
+        seg_loss = self.supervised_loss(output, seg_target, num_labeled)
+        sdf_loss = sdf_regression_loss(sdf[:num_labeled], sdf_target, self.annotated(seg_target))
+        return seg_loss, sdf_loss
+
+    def cross_task_weight(self) -> float:
+        return self.hparams["cross_task_weight"] * self.ramp()
+
+
+class DTCTrainer(SignedDistanceMixin, ConsistencyTrainerBase):
+    hparam_spec: ClassVar[dict[str, HParam]] = DTC_HPARAMS
+    extra_log_keys: ClassVar[tuple[str, ...]] = ("loss_supervised", "loss_sdf", "loss_cross_task",
+                                                 "cross_task_weight")
+
+    def compute_losses(self, data, target, data_unlabeled):
+        n_l = data.shape[0]
+        output, sdf = self.network(torch.cat((data, data_unlabeled)), return_sdf=True)
+        seg_loss, sdf_loss = self.dual_task_supervised(output, sdf, target, n_l)
+        images = _images(self.hparams["cross_task_on"], n_l)
+        probs = probabilities(self.full_resolution(output)[images].float(), self.regions)
+        cross = cross_task_consistency(probs, sdf[images], self.hparams["sdf_k"])
+        weight = self.cross_task_weight()
+        total = total_objective(supervised_objective(seg_loss, sdf_loss, self.hparams["sdf_weight"]), None, cross,
+                                0.0, weight)
+        return {"loss": total, "loss_supervised": seg_loss, "loss_sdf": sdf_loss, "loss_cross_task": cross,
+                "cross_task_weight": torch.tensor(weight)}
+
+
+class UGMCLTrainer(SignedDistanceMixin, UAMTTrainer):
+    hparam_spec: ClassVar[dict[str, HParam]] = UGMCL_HPARAMS
+    extra_log_keys: ClassVar[tuple[str, ...]] = ("loss_supervised", "loss_sdf", "loss_intra_task", "loss_cross_task",
+                                                 "certain_fraction", "consistency_weight", "cross_task_weight")
+
+    def compute_losses(self, data, target, data_unlabeled):
+        h = self.hparams
+        n_l = data.shape[0]
+        x = torch.cat((data, data_unlabeled))
+        intra = _images(h["consistency_on"], n_l)
+        teacher = self.teacher_prediction(x[intra])  # before the student: see MeanTeacherTrainer
+        mask = self.certainty(teacher)
+        output, sdf = self.network(x, return_sdf=True)
+        seg_loss, sdf_loss = self.dual_task_supervised(output, sdf, target, n_l)
+        probs = probabilities(self.full_resolution(output).float(), self.regions)
+
+        itc = intra_task_consistency(probs[intra], teacher.probs, sdf[intra], teacher.sdf, mask, h["beta"])
+        cross = _images(h["cross_task_on"], n_l)
+        ctc = cross_task_consistency(probs[cross], sdf[cross], h["sdf_k"])
+
+        w_i, w_c = self.unsupervised_weight(), self.cross_task_weight()
+        total = total_objective(supervised_objective(seg_loss, sdf_loss, h["sdf_weight"]), itc, ctc, w_i, w_c)
+        return {"loss": total, "loss_supervised": seg_loss, "loss_sdf": sdf_loss, "loss_intra_task": itc,
+                "loss_cross_task": ctc, "certain_fraction": mask.mean(), "consistency_weight": torch.tensor(w_i),
+                "cross_task_weight": torch.tensor(w_c)}

@@ -1,0 +1,150 @@
+"""The four trainers in-process on the tiny demo plans: hyper-parameter checks, losses of one iteration, and a
+checkpoint round trip that restores the teacher (and the student) bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from benchmark_iteration import synthetic_batch
+
+from nnunet_ssl.methods.ugmcl.trainer import (
+    DTC_HPARAMS,
+    MEAN_TEACHER_HPARAMS,
+    UAMT_HPARAMS,
+    UGMCL_HPARAMS,
+    DTCTrainer,
+    MeanTeacherTrainer,
+    UAMTTrainer,
+    UGMCLTrainer,
+)
+from nnunet_ssl.training.hparams import HParamError, resolve_hparams
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("ema_alpha", 1.0, r"'ema_alpha' = 1.0 is invalid: expected a number in \[0.0, 1.0\)"),
+    ("ema_alpha", -0.5, r"'ema_alpha' = -0.5 is invalid"),
+    ("mc_passes", 0, r"'mc_passes' = 0 is invalid: expected an integer >= 1"),
+    ("beta", 1.5, r"'beta' = 1.5 is invalid: expected a number in \[0.0, 1.0\]"),
+    ("dropout_p", 1.0, r"'dropout_p' = 1.0 is invalid: expected a number in \[0.0, 1.0\)"),
+    ("sdf_k", 0.0, r"'sdf_k' = 0.0 is invalid"),
+    ("consistency_on", "labeled", r"'consistency_on' = 'labeled' is invalid: expected one of 'unlabeled', 'all'"),
+])
+def test_bad_hyper_parameters_are_rejected(name, value, message):
+    with pytest.raises(HParamError, match=message):
+        resolve_hparams(UGMCL_HPARAMS, "UGMCLTrainer", {name: value})
+
+
+def test_defaults_are_the_papers():
+    h = resolve_hparams(UGMCL_HPARAMS, "UGMCLTrainer", {})
+    assert (h["beta"], h["mc_passes"], h["sdf_k"], h["ema_alpha"]) == (0.75, 8, 1500.0, 0.99)
+    assert (h["consistency_weight"], h["cross_task_weight"], h["rampup"], h["rampup_fraction"]) == \
+        (0.1, 0.1, "sigmoid", 1.0)
+    assert (h["consistency_on"], h["cross_task_on"]) == ("all", "all")
+    assert resolve_hparams(MEAN_TEACHER_HPARAMS, "MeanTeacherTrainer", {})["consistency_on"] == "unlabeled"
+    assert "mc_passes" not in MEAN_TEACHER_HPARAMS and "mc_passes" in UAMT_HPARAMS
+    assert "ema_alpha" not in DTC_HPARAMS and "consistency_weight" not in DTC_HPARAMS
+
+
+def _trainer(cls, demo, monkeypatch, tmp_path, hparams: dict | None = None, configuration: str = "3d_fullres"):
+    for k, v in demo.vars.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setenv("nnUNet_ssl_hparams", json.dumps({"num_iterations_per_epoch": 2, **(hparams or {})}))
+    plans = {**json.loads((demo.pp / "nnUNetPlans.json").read_text()), "continue_training": False}
+    dataset_json = json.loads((demo.pp / "dataset.json").read_text())
+    trainer = cls(plans, configuration, 0, dataset_json, torch.device("cpu"))
+    trainer.initialize()
+    return trainer
+
+
+def _feed(trainer, batches):
+    trainer.dataloader_unlabeled = iter([{"data": b["data"].flip(0)} for b in batches])
+
+
+def _states_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("cls", [MeanTeacherTrainer, UAMTTrainer, DTCTrainer, UGMCLTrainer])
+def test_one_iteration_logs_every_term(cls, demo, monkeypatch, tmp_path):
+    trainer = _trainer(cls, demo, monkeypatch, tmp_path)
+    batch = synthetic_batch(trainer, np.random.default_rng(0))
+    _feed(trainer, [batch])
+    trainer.on_train_epoch_start()
+    before = {k: v.clone() for k, v in trainer.unwrapped_network().state_dict().items()}
+    out = trainer.train_step(batch)
+    assert set(out) == {"loss", *cls.extra_log_keys}
+    assert all(np.isfinite(v).all() for v in out.values())
+    assert not _states_equal(before, trainer.unwrapped_network().state_dict())  # the student stepped
+    if hasattr(trainer, "teacher"):  # first update: the teacher becomes the student exactly
+        assert _states_equal(trainer.teacher.state_dict(), trainer.unwrapped_network().state_dict())
+    if "certain_fraction" in out:
+        assert 0.0 <= float(out["certain_fraction"]) <= 1.0
+
+
+@pytest.mark.parametrize("export_teacher", [False, True])
+def test_resume_restores_teacher_and_student_bit_for_bit(export_teacher, demo, monkeypatch, tmp_path):
+    hp = {"export_teacher": export_teacher, "mc_passes": 2}
+    first = _trainer(UGMCLTrainer, demo, monkeypatch, tmp_path, hp)
+    rng = np.random.default_rng(0)
+    batches = [synthetic_batch(first, rng) for _ in range(3)]
+    _feed(first, batches)
+    first.on_train_epoch_start()
+    for b in batches[:2]:
+        first.train_step(b)
+    assert not _states_equal(first.teacher.state_dict(), first.unwrapped_network().state_dict())
+    ckpt = tmp_path / "checkpoint.pth"
+    first.save_checkpoint(str(ckpt))
+
+    saved = torch.load(ckpt, weights_only=False)
+    exported = first.teacher.state_dict() if export_teacher else first.unwrapped_network().state_dict()
+    assert _states_equal(saved["network_weights"], exported)
+    assert _states_equal(saved["nnunet_ssl"]["teacher"], first.teacher.state_dict())
+
+    second = _trainer(UGMCLTrainer, demo, monkeypatch, tmp_path, hp)
+    second.load_checkpoint(str(ckpt))
+    assert _states_equal(second.teacher.state_dict(), first.teacher.state_dict())
+    assert _states_equal(second.unwrapped_network().state_dict(), first.unwrapped_network().state_dict())
+    assert second.global_step == 2 and second.teacher.module.dropout_p == 0.5
+
+    # both continue with the same batch and random numbers: the next step (EMA decay min(1 - 1/3, 0.99)) is identical
+    first.current_epoch = 1
+    for t in (first, second):
+        _feed(t, batches[2:])
+        t.on_train_epoch_start()
+        torch.manual_seed(1)
+        t.train_step(batches[2])
+    assert _states_equal(second.teacher.state_dict(), first.teacher.state_dict())
+    assert _states_equal(second.unwrapped_network().state_dict(), first.unwrapped_network().state_dict())
+
+
+def test_exported_teacher_is_what_validation_sees(demo, monkeypatch, tmp_path):
+    trainer = _trainer(MeanTeacherTrainer, demo, monkeypatch, tmp_path, {"export_teacher": True})
+    batch = synthetic_batch(trainer, np.random.default_rng(0))
+    _feed(trainer, [batch, batch])
+    trainer.on_train_epoch_start()
+    trainer.train_step(batch)
+    trainer.train_step(batch)
+    student = {k: v.clone() for k, v in trainer.unwrapped_network().state_dict().items()}
+    trainer.on_validation_epoch_start()
+    assert _states_equal(trainer.unwrapped_network().state_dict(), trainer.teacher.state_dict())
+    trainer.logger.log("train_losses", 0.0, 0)
+    trainer.on_validation_epoch_end([trainer.validation_step(
+        {"data": batch["data"], "target": batch["target"]})])
+    assert _states_equal(trainer.unwrapped_network().state_dict(), student)
+
+
+def test_signed_distance_targets_only_in_the_labeled_pipeline(demo, monkeypatch, tmp_path):
+    trainer = _trainer(UGMCLTrainer, demo, monkeypatch, tmp_path)
+    rotation, dummy_2d, _, mirror_axes = trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+    args = (trainer.configuration_manager.patch_size, rotation, trainer._get_deep_supervision_scales(), mirror_axes,
+            dummy_2d)
+    plain = trainer.get_training_transforms(*args)  # e.g. the unlabeled pipeline
+    assert type(plain.transforms[-1]).__name__ == "DownsampleSegForDSTransform"
+    trainer._labeled_pipeline = True
+    labeled = trainer.get_training_transforms(*args)
+    assert type(labeled.transforms[-1]).__name__ == "SignedDistanceTransform"
+    assert labeled.transforms[-1].labels == [0, 1, 2] and labeled.transforms[-1].spacing == [1.0, 1.0, 1.0]
