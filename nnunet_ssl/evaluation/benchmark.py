@@ -16,7 +16,7 @@ and per seed, without the file, the **upper bound**: ``SupervisedTrainer`` on ev
 All use the same plans, configuration, fold-0 split (validation cases fixed), schedule (``--hparams``, passed as
 ``nnUNet_ssl_hparams``) and ``checkpoint_final.pth``; each predicts ``imagesTs`` with ``nnUNetv2_predict`` and is
 evaluated against ``labelsTs``: nnU-Net's Dice, HD95 and ASD in mm (``surface.py``), and the expected calibration
-error from the saved probabilities where ``nnunet_ssl.evaluation.calibration`` is installed.
+error (foreground ECE, ``calibration.py``) from the saved probabilities.
 
 Each (k, s) has its own ``nnUNet_preprocessed`` root (links to the shared preprocessed data, its own split and
 labeled-fraction file) and ``nnUNet_results`` root under ``--work-dir``, so runs never overwrite each other. A
@@ -462,17 +462,19 @@ def training_cost(root: Path, run: Run, fold: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------- evaluation
 def calibration_error(probabilities_file: Path, reference: np.ndarray, label_manager) -> float | None:
-    """The call site for ``nnunet_ssl.evaluation.calibration`` (expected calibration error of one case's saved
-    probabilities). Returns None when that module is not installed or has no such function."""
-    try:
-        from nnunet_ssl.evaluation import calibration
-    except ImportError:
+    """Foreground expected calibration error (``calibration.case_calibration``) of one case's probabilities as
+    ``nnUNetv2_predict --save_probabilities`` wrote them; None without that file."""
+    from nnunet_ssl.evaluation.calibration import case_calibration
+
+    if not probabilities_file.is_file():
         return None
-    fn = getattr(calibration, "case_expected_calibration_error", None)
-    if fn is None or not probabilities_file.is_file():
-        return None
-    probabilities = np.load(probabilities_file)["probabilities"]
-    return float(fn(probabilities, reference, label_manager))
+    with np.load(probabilities_file) as npz:
+        probabilities = npz["probabilities"]
+    lm = label_manager
+    bins = case_calibration(probabilities, reference, lm.foreground_regions if lm.has_regions else
+                            lm.foreground_labels, lm.has_regions, lm.ignore_label)
+    ece = bins["foreground"].ece()
+    return float(ece) if np.isfinite(ece) else None
 
 
 def _evaluate_case(args) -> list[dict]:

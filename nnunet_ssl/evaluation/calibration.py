@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from nnunet_ssl.data.unlabeled import write_json_atomic
+
 N_BINS = 15
 JSON_NAME = "calibration.json"
 DIAGRAM_NAME = "reliability_diagram.png"
@@ -252,7 +254,7 @@ def calibration_on_folder(reference_folder: str | os.PathLike, prediction_folder
     result = summarise(per_case, cases, [a[0] for a in args], [a[2] for a in args],
                        [label_key(k) for k in labels_or_regions], regions, n_bins)
     if output_json is not None:
-        _write_json_atomic(result, output_json)
+        write_json_atomic(result, output_json)
     if output_png is not None:
         reliability_diagram(result, output_png)
     return result
@@ -290,20 +292,6 @@ def summarise(per_case: Sequence[dict[str, Any]], cases: Sequence[str], predicti
 
 
 # ---------------------------------------------------------------- output
-def _write_json_atomic(content: dict, path: str | os.PathLike) -> None:
-    import json
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(content, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def reliability_diagram(result: dict[str, Any], path: str | os.PathLike) -> None:
     """Reliability diagram of the pooled bins (foreground, then each class): per confidence bin, the accuracy
     (red) next to the mean confidence (blue), as in the MisMatch paper's figures; the diagonal is perfect

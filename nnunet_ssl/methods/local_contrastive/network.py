@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nnunet_ssl.training.network import planned_unet_parts
+
 EMBEDDING_DIM = 16  # D of section IV.E; fixed, since the predictor rebuilds the network without hyper-parameters
 
 
@@ -39,14 +41,7 @@ class ProjectionHead(nn.Module):
 class LocalContrastiveNetwork(nn.Module):
     def __init__(self, unet: nn.Module, embedding_dim: int = EMBEDDING_DIM):
         super().__init__()
-        modules = set(dict(unet.named_children()))
-        if modules != {"encoder", "decoder"} or not all(
-            hasattr(unet.decoder, a) for a in ("stages", "transpconvs", "seg_layers")
-        ):
-            raise TypeError(f"LocalContrastiveTrainer needs nnU-Net's U-Net layout (an encoder and a UNetDecoder with "
-                            f"stages, transpconvs and seg_layers); {type(unet).__name__} has {sorted(modules)}.")
-        self.encoder = unet.encoder
-        self.decoder = unet.decoder
+        self.encoder, self.decoder = planned_unet_parts(unet, "LocalContrastiveTrainer")
         enc = unet.encoder
         # the last decoder stage outputs as many channels as the highest-resolution encoder stage
         self.projection_head = ProjectionHead(enc.conv_op, enc.output_channels[0], embedding_dim, enc.conv_bias,

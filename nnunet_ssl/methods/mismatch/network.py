@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.helper import maybe_convert_scalar_to_list
 from torch import nn
 
+from nnunet_ssl.training.network import planned_unet_parts
+
 DILATION = 5  # section 2.1
 
 
@@ -201,14 +203,7 @@ def _reinitialise(modules: Sequence[nn.Module], initialize) -> None:
 class MisMatchNetwork(nn.Module):
     def __init__(self, unet: nn.Module, side_reduction: int = 8, dilation: int = DILATION):
         super().__init__()
-        modules = set(dict(unet.named_children()))
-        if modules != {"encoder", "decoder"} or not all(
-            hasattr(unet.decoder, a) for a in ("stages", "transpconvs", "seg_layers", "deep_supervision")
-        ):
-            raise TypeError(f"MisMatch needs nnU-Net's U-Net layout (an encoder and a UNetDecoder with stages, "
-                            f"transpconvs and seg_layers); {type(unet).__name__} has {sorted(modules)}.")
-        encoder = unet.encoder
-        dilation_decoder = unet.decoder
+        encoder, dilation_decoder = planned_unet_parts(unet, "MisMatch")
         # an independently initialised second decoder of the same shape; the memo keeps the decoder's reference to
         # the (shared) encoder instead of copying it
         erosion_decoder = copy.deepcopy(unet.decoder, memo={id(encoder): encoder})

@@ -17,19 +17,13 @@ import torch
 from torch import nn
 
 from nnunet_ssl.methods.must.perturbation import PerturbationConfig, perturb
+from nnunet_ssl.training.network import planned_unet_parts
 
 
 class MuSTNetwork(nn.Module):
     def __init__(self, unet: nn.Module, perturbation: PerturbationConfig | None = None):
         super().__init__()
-        modules = set(dict(unet.named_children()))
-        if modules != {"encoder", "decoder"} or not all(
-            hasattr(unet.decoder, a) for a in ("stages", "transpconvs", "seg_layers")
-        ):
-            raise TypeError(f"MuST needs nnU-Net's U-Net layout (an encoder and a UNetDecoder with stages, "
-                            f"transpconvs and seg_layers); {type(unet).__name__} has {sorted(modules)}.")
-        self.encoder = unet.encoder
-        self.decoder = unet.decoder
+        self.encoder, self.decoder = planned_unet_parts(unet, "MuST")
         self.perturbation = perturbation or PerturbationConfig()
 
     def forward(self, x: torch.Tensor, num_perturbed: int = 0):

@@ -12,16 +12,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nnunet_ssl.training.network import planned_unet_parts
+
 
 class POPCORNNetwork(nn.Module):
     def __init__(self, unet: nn.Module):
         super().__init__()
-        modules = set(dict(unet.named_children()))
-        if modules != {"encoder", "decoder"}:
-            raise TypeError(f"POPCORN needs nnU-Net's U-Net layout (an encoder returning its skips and a decoder); "
-                            f"{type(unet).__name__} has {sorted(modules)}.")
-        self.encoder = unet.encoder
-        self.decoder = unet.decoder
+        self.encoder, self.decoder = planned_unet_parts(unet, "POPCORN")
 
     def forward(self, x: torch.Tensor, return_bottleneck: bool = False):
         skips = self.encoder(x)

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU
 from torch import nn
 
+from nnunet_ssl.training.network import planned_unet_parts
+
 
 class MCPrediction(NamedTuple):
     """The teacher's stochastic passes: p-hat (mean probabilities of all passes, for the uncertainty) and the
@@ -43,14 +45,7 @@ class MCPrediction(NamedTuple):
 class DualTaskUNet(nn.Module):
     def __init__(self, unet: nn.Module, regression_head: bool = True, dropout_p: float = 0.5):
         super().__init__()
-        modules = set(dict(unet.named_children()))
-        if modules != {"encoder", "decoder"} or not all(
-            hasattr(unet.decoder, a) for a in ("stages", "transpconvs", "seg_layers")
-        ):
-            raise TypeError(f"The dual-task network needs nnU-Net's U-Net layout (an encoder and a UNetDecoder with "
-                            f"stages, transpconvs and seg_layers); {type(unet).__name__} has {sorted(modules)}.")
-        self.encoder = unet.encoder
-        self.decoder = unet.decoder
+        self.encoder, self.decoder = planned_unet_parts(unet, "The dual-task network")
         self.dropout_p = dropout_p
         enc = unet.encoder
         self._spatial_dims = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[enc.conv_op]
