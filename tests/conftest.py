@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "examples"))
@@ -117,3 +118,35 @@ def demo_regions_ignore(tmp_path_factory) -> Env:
 
 
 SHORT = {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1}
+
+
+# per trainer, what a run of a few iterations needs on top of SHORT
+QUICK = {"POPCORNTrainer": {"num_epochs": 2}, "UGMCLTrainer": {"mc_passes": 2}, "UAMTTrainer": {"mc_passes": 2},
+         # a pseudo-label refresh after the first iteration
+         "LocalContrastiveTrainer": {"num_iterations_per_epoch": 4, "supervised_fraction": 0.25,
+                                     "pseudo_label_rounds": 1, "refresh_every": 1}}
+
+
+def make_trainer(env: Env, name: str, monkeypatch, results: Path, hparams: dict | None = None,
+                 configuration: str = "2d"):
+    """An nnunet_ssl trainer built in the test process (CPU, single-threaded loaders), writing into ``results``,
+    with SHORT, QUICK and ``hparams``."""
+    from nnunet_ssl.trainers import TRAINERS
+
+    for k, v in {**env.vars, "nnUNet_results": str(results), "nnUNet_n_proc_DA": "0"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("nnUNet_ssl_hparams", json.dumps({**SHORT, **QUICK.get(name, {}), **(hparams or {})}))
+    plans = {**json.loads((env.pp / "nnUNetPlans.json").read_text()), "continue_training": False}
+    dataset_json = json.loads((env.pp / "dataset.json").read_text())
+    return TRAINERS[name](plans, configuration, 0, dataset_json, torch.device("cpu"))
+
+
+def first_losses(trainer, iterations: int) -> list[dict]:
+    """Start ``trainer`` (checks, preprocessing, loaders) and run ``iterations`` training steps on its batches."""
+    trainer.on_train_start()
+    try:
+        trainer.on_train_epoch_start()
+        return [trainer.train_step(next(trainer.dataloader_train)) for _ in range(iterations)]
+    finally:
+        if hasattr(trainer, "shutdown_unlabeled_dataloader"):
+            trainer.shutdown_unlabeled_dataloader()

@@ -1,26 +1,22 @@
 """``SemiSupervisedTrainer``: the loop every semi-supervised method shares.
 
-Per iteration: the labeled batch from nnU-Net's loader, an unlabeled batch from a second loader (same
-augmentation pipeline and patch size, its own batch size), the method's losses from ``compute_losses``, then
-one backward and one optimizer step (with nnU-Net's gradient clipping and, on CUDA, mixed precision), then
-``after_optimizer_step`` (e.g. an EMA teacher update). A method subclass says which network
+Per iteration (``SupervisedTrainer.train_step``): the labeled batch from nnU-Net's loader, an unlabeled batch from
+a second loader (same augmentation pipeline and patch size, its own batch size), the method's losses from
+``compute_losses``, then one backward and one optimizer step (with nnU-Net's gradient clipping and, on CUDA, mixed
+precision), then ``after_optimizer_step`` (e.g. an EMA teacher update). A method subclass says which network
 (``build_network_architecture``) and which losses; it leaves the loop alone.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import numpy as np
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.paths import nnUNet_raw
-from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
-from nnunetv2.utilities.helpers import dummy_context
-from torch import autocast
 from torch import distributed as dist
 
 from nnunet_ssl.data.loader import UnlabeledDataLoader, UnlabeledDataset
@@ -67,14 +63,8 @@ class SemiSupervisedTrainer(SupervisedTrainer):
                              f"3d_lowres.")
         self.unlabeled_identifiers: list[str] = []
         self.dataloader_unlabeled = None
-        self._step_in_epoch = 0
 
     # ---------------------------------------------------------------- schedule
-    @property
-    def global_step(self) -> int:
-        """Optimizer steps taken so far (restored on resume: checkpoints are written at epoch ends)."""
-        return self.current_epoch * self.num_iterations_per_epoch + self._step_in_epoch
-
     def unsupervised_weight(self) -> float:
         total = self.num_epochs * self.num_iterations_per_epoch
         length = round(self.hparams["rampup_fraction"] * total)
@@ -168,58 +158,12 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             self.shutdown_unlabeled_dataloader()
 
     # ---------------------------------------------------------------- the iteration
-    def compute_losses(self, data: torch.Tensor, target, data_unlabeled: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Return ``{'loss': total, <name>: part, ...}``; the parts named in ``extra_log_keys`` are logged.
-        ``data_unlabeled`` is None when the class sets ``draws_unlabeled_batches = False``."""
-        raise NotImplementedError(f"{type(self).__name__} must implement compute_losses")
-
-    def after_optimizer_step(self) -> None:
-        """Called after every optimizer step (EMA teachers update here)."""
-
     def next_unlabeled_batch(self) -> dict:
         """The unlabeled loader's next batch (``data``, ``target``, ``keys``, on the CPU). Override to use more than
         the images (pseudo-labels arrive in ``target``) or to draw no batch at times (an empty ``data``)."""
         return next(self.dataloader_unlabeled)
 
-    def on_train_epoch_start(self):
-        super().on_train_epoch_start()
-        self._step_in_epoch = 0
-
-    def train_step(self, batch: dict) -> dict:
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = batch["target"]
-        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
-        data_u = self.next_unlabeled_batch()["data"].to(self.device, non_blocking=True) \
-            if self.draws_unlabeled_batches else None
-
-        self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            losses = self.compute_losses(data, target, data_u)
-        total = losses["loss"]
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(total).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
-        self.after_optimizer_step()
-        self._step_in_epoch += 1
-        return {k: v.detach().float().cpu().numpy() for k, v in losses.items()}
-
-    def on_train_epoch_end(self, train_outputs: list[dict]):
-        super().on_train_epoch_end(train_outputs)
-        outputs = collate_outputs(train_outputs)
-        for key in self.extra_log_keys:
-            value: Any = np.mean(outputs[key])
-            if self.is_ddp:
-                gathered = [None] * dist.get_world_size()
-                dist.all_gather_object(gathered, value)
-                value = float(np.mean(gathered))
-            self.logger.log(key, float(value), self.current_epoch)
-        self.print_to_log_file(", ".join(f"{k} {np.round(self.logger.get_value(k, step=-1), 5)}"
-                                         for k in self.extra_log_keys))
+    def unlabeled_input(self) -> torch.Tensor | None:
+        if not self.draws_unlabeled_batches:
+            return None  # compute_losses gets data_unlabeled=None
+        return self.next_unlabeled_batch()["data"].to(self.device, non_blocking=True)

@@ -9,18 +9,28 @@ Training is exactly ``nnUNetTrainer``'s (same network, loss, augmentation, optim
 - checkpoints written atomically (temporary file, then rename) with an extra ``nnunet_ssl`` entry for
   method state, restored by ``nnUNetv2_train ... --c``;
 - extra per-epoch log keys drawn in a panel of their own in ``progress.png``;
+- one training iteration for every trainer (``compute_losses`` is the method's hook): an iteration whose loss or
+  gradient is not finite is skipped (no parameter update, no ``after_optimizer_step``), counted and logged, and
+  training stops when ``max_nonfinite_steps`` come in a row;
+- an optional ``seed`` for reproducible runs;
 - the final validation also writes calibration metrics (ECE, reliability diagram) next to ``summary.json``.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.collate_outputs import collate_outputs
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
+from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 
 from nnunet_ssl.data.labeled_fraction import FILENAME as LABELED_FRACTION_FILE
@@ -38,7 +48,17 @@ SCHEDULE_HPARAMS: dict[str, HParam] = {
     "num_val_iterations_per_epoch": HParam(50, int, "Validation iterations per epoch (nnU-Net's default 50).",
                                            low=1),
     "save_every": HParam(50, int, "Write checkpoint_latest.pth every this many epochs (nnU-Net's default 50).", low=1),
+    "seed": HParam(None, int, "Seed of Python's, numpy's and torch's random generators (network initialisation, "
+                              "patch sampling, augmentation, dropout), offset by the DDP rank. With "
+                              "nnUNet_n_proc_DA=0 on the CPU two runs give identical losses; augmentation workers "
+                              "are not seeded. null: unseeded, as nnU-Net.", low=0, optional=True),
+    "max_nonfinite_steps": HParam(10, int, "Stop training when this many iterations in a row have a non-finite loss "
+                                           "or gradient (each is skipped: no parameter or teacher update).", low=1),
 }
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many iterations in a row had a non-finite loss or gradient."""
 
 
 class SupervisedTrainer(nnUNetTrainer):
@@ -54,12 +74,23 @@ class SupervisedTrainer(nnUNetTrainer):
         self.logger.local_logger = SSLLocalLogger(self.extra_log_keys)
         self.declared_unlabeled: list[str] = []
         self._split: tuple[list[str], list[str]] | None = None
+        self._step_in_epoch = 0
+        self.nonfinite_steps = 0  # skipped iterations over the whole training (kept in checkpoints)
+        self._nonfinite_in_a_row = 0
+        if self.hparams["seed"] is not None:  # before initialize() builds the network
+            self.seed_everything(self.hparams["seed"] + self.local_rank)
 
     def _apply_hparams(self) -> None:
         self.num_epochs = self.hparams["num_epochs"]
         self.num_iterations_per_epoch = self.hparams["num_iterations_per_epoch"]
         self.num_val_iterations_per_epoch = self.hparams["num_val_iterations_per_epoch"]
         self.save_every = self.hparams["save_every"]
+
+    @staticmethod
+    def seed_everything(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
 
     # ---------------------------------------------------------------- labeled-fraction experiments
     def do_split(self):
@@ -75,6 +106,119 @@ class SupervisedTrainer(nnUNetTrainer):
             self.declared_unlabeled = declared
             self._split = (list(tr_keys), list(val_keys))
         return self._split
+
+    # ---------------------------------------------------------------- the iteration
+    @property
+    def global_step(self) -> int:
+        """Iterations run so far, skipped ones included (restored on resume: checkpoints are written at epoch
+        ends)."""
+        return self.current_epoch * self.num_iterations_per_epoch + self._step_in_epoch
+
+    def unlabeled_input(self) -> torch.Tensor | None:
+        """The unlabeled images of this iteration on the device (None: the method draws none)."""
+        return None
+
+    def compute_losses(self, data: torch.Tensor, target, data_unlabeled: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Return ``{'loss': total, <name>: part, ...}``; the parts named in ``extra_log_keys`` are logged.
+        Here nnU-Net's forward pass and Dice+CE with deep supervision."""
+        return {"loss": self.loss(self.network(data), target)}
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimizer step that was taken (EMA teachers update here)."""
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self._step_in_epoch = 0
+
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        data_u = self.unlabeled_input()
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            losses = self.compute_losses(data, target, data_u)
+        total = losses["loss"]
+        status = self._backward_and_step(total) if self._agreed_finite(total) else "loss"
+        if status == "ok":
+            self._nonfinite_in_a_row = 0
+            self.after_optimizer_step()
+        self._step_in_epoch += 1
+        outputs = {k: v.detach().float().cpu().numpy() for k, v in losses.items()}
+        skipped = status in ("loss", "gradient")
+        if skipped:
+            self._skip_step(status, outputs)
+        outputs["skipped"] = skipped
+        return outputs
+
+    def _agreed_finite(self, value: torch.Tensor) -> bool:
+        """Whether ``value`` is finite on every rank (so that all ranks skip together, or none)."""
+        finite = torch.isfinite(value.detach()).all().float()
+        if self.is_ddp:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def _backward_and_step(self, total: torch.Tensor) -> str:
+        """nnU-Net's backward pass, gradient clipping and optimizer step. Returns 'ok', 'gradient' (a non-finite
+        gradient norm without mixed precision: no step) or 'overflow' (mixed precision: the grad scaler skipped
+        the step and lowered its scale, as it routinely does; not a fault, but no teacher update either)."""
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(total).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            scale = self.grad_scaler.get_scale()
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+            return "overflow" if self.grad_scaler.get_scale() < scale else "ok"
+        total.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+        if not torch.isfinite(norm):  # gradients are averaged over DDP ranks already: every rank agrees
+            return "gradient"
+        self.optimizer.step()
+        return "ok"
+
+    def _skip_step(self, fault: str, outputs: dict[str, np.ndarray]) -> None:
+        self.nonfinite_steps += 1
+        self._nonfinite_in_a_row += 1
+        parts = ", ".join(f"{k} {float(v):.4g}" for k, v in outputs.items())
+        self.print_to_log_file(
+            f"epoch {self.current_epoch}, iteration {self._step_in_epoch}: non-finite {fault} ({parts}); the step "
+            f"was skipped (no parameter or teacher update). {self._nonfinite_in_a_row} in a row, "
+            f"{self.nonfinite_steps} in this training.", also_print_to_console=True)
+        limit = self.hparams["max_nonfinite_steps"]
+        if self._nonfinite_in_a_row >= limit:
+            raise NonFiniteLossError(
+                f"{type(self).__name__} stopped: {limit} iterations in a row had a non-finite loss or gradient "
+                f"(max_nonfinite_steps; last: {parts}). The weights are those of the last finite step and "
+                f"{self.output_folder}/checkpoint_latest.pth holds the last saved epoch. Common causes: images with "
+                f"NaN or extreme values (`nnUNetv2_plan_and_preprocess --verify_dataset_integrity`, `nnunet_ssl "
+                f"preprocess-unlabeled --check-only`), a learning rate or loss weight too high (nnUNet_ssl_hparams). "
+                f"Fix the cause, then resume with `nnUNetv2_train ... --c`.")
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        # skipped iterations are left out of the epoch means (their losses are not finite)
+        kept = [{k: v for k, v in o.items() if k != "skipped"} for o in train_outputs if not o.get("skipped")]
+        skipped = len(train_outputs) - len(kept)
+        if skipped:
+            self.print_to_log_file(f"{skipped} of {len(train_outputs)} iterations skipped in this epoch (non-finite "
+                                   f"loss or gradient), {self.nonfinite_steps} in this training.")
+        if not kept:
+            kept = [{k: np.array(np.nan) for k in train_outputs[0] if k != "skipped"}]
+        super().on_train_epoch_end(kept)
+        if not self.extra_log_keys:
+            return
+        outputs = collate_outputs(kept)
+        for key in self.extra_log_keys:
+            value: Any = np.mean(outputs[key])
+            if self.is_ddp:
+                gathered = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, value)
+                value = float(np.mean(gathered))
+            self.logger.log(key, float(value), self.current_epoch)
+        self.print_to_log_file(", ".join(f"{k} {np.round(self.logger.get_value(k, step=-1), 5)}"
+                                         for k in self.extra_log_keys))
 
     # ---------------------------------------------------------------- state and checkpoints
     def on_train_start(self):
@@ -95,10 +239,11 @@ class SupervisedTrainer(nnUNetTrainer):
 
     def extra_checkpoint_state(self) -> dict[str, Any]:
         """Method state saved with the checkpoint (override and call super)."""
-        return {"hparams": dict(self.hparams)}
+        return {"hparams": dict(self.hparams), "nonfinite_steps": self.nonfinite_steps}
 
     def load_extra_checkpoint_state(self, state: dict[str, Any]) -> None:
         """Restore what ``extra_checkpoint_state`` saved (override and call super)."""
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)
 
     def save_checkpoint(self, filename: str) -> None:
         # nnU-Net's checkpoint dict (same keys, so nnU-Net's predictor and --c read it) plus our entry, written to a
