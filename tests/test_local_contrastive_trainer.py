@@ -1,19 +1,15 @@
-"""LocalContrastiveTrainer: its losses per phase, pseudo-label refreshes at the scheduled iterations (in-process and
-through nnU-Net's command line with an interruption and ``--c``), prediction with nnU-Net's CLI."""
+"""LocalContrastiveTrainer: its losses per phase, pseudo-label refreshes at the scheduled iterations and their state
+(in-process), regions and the ignore label through nnU-Net's command line. Refreshes across a hard kill and ``--c``:
+``test_interruption.py``."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BIN
 
 from nnunet_ssl.methods.local_contrastive.batch import segmentation_target
 from nnunet_ssl.methods.local_contrastive.trainer import LocalContrastiveTrainer
@@ -130,60 +126,6 @@ def test_refresh_with_filter_and_state_in_process_2d(demo, monkeypatch):
         assert store.has(resumed.pseudo_label_cases[0])
         batch = next(loader)
         assert sorted(set(batch["keys"])) <= resumed.pseudo_label_cases and batch["target"].shape[1] == 1
-
-
-def _wait_for_checkpoint(path, epoch, proc, timeout=900):
-    start = time.time()
-    while True:
-        if path.exists():
-            try:
-                if torch.load(path, weights_only=False)["current_epoch"] >= epoch:
-                    return
-            except (EOFError, RuntimeError):
-                pass
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended (rc {proc.returncode}) early:\n{proc.stdout.read()[-3000:]}")
-        if time.time() - start > timeout:
-            raise AssertionError(f"{path} with epoch {epoch} did not appear within {timeout} s")
-        time.sleep(0.2)
-
-
-@pytest.mark.slow
-def test_train_across_refreshes_interrupt_resume_predict(demo, tmp_path):
-    # 3 epochs of 2 iterations: supervised iterations 0-1, pseudo-labels at iterations 2 and 4
-    hp = {"num_epochs": 3, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1, "save_every": 1,
-          "supervised_fraction": 0.34, "pseudo_label_rounds": 2, "refresh_every": 2}
-    out = demo.results(TRAINER)
-    env = {**os.environ, **demo.vars, "nnUNet_ssl_hparams": json.dumps(hp)}
-    proc = subprocess.Popen([str(BIN / "nnUNetv2_train"), str(demo.dataset_id), "3d_fullres", "0", "-tr", TRAINER,
-                             "-device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    _wait_for_checkpoint(out / "checkpoint_latest.pth", 2, proc)  # after epoch 1, i.e. after the first refresh
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    interrupted = torch.load(out / "checkpoint_latest.pth", weights_only=False)
-    assert interrupted["current_epoch"] == 2 and interrupted["nnunet_ssl"]["pseudo_label_round"] == 1
-    first = json.loads((out / "pseudo_labels" / "round_1" / "selection.json").read_text())
-    assert first["iteration"] == 2 and first["round"] == 1
-
-    demo.run("nnUNetv2_train", str(demo.dataset_id), "3d_fullres", "0", "-tr", TRAINER, "-device", "cpu", "--c",
-             hparams=hp)
-    final = torch.load(out / "checkpoint_final.pth", weights_only=False)
-    assert final["current_epoch"] == 3 and final["nnunet_ssl"]["pseudo_label_round"] == 2
-    second = json.loads((out / "pseudo_labels" / "round_2" / "selection.json").read_text())
-    assert second["iteration"] == 4 and sorted(second["cases"]) == sorted(first["cases"])
-    assert json.loads((out / "pseudo_labels" / "round_1" / "selection.json").read_text()) == first  # kept
-    log = final["logging"]
-    assert log["contrastive_weight"] == [0.0, pytest.approx(0.1), pytest.approx(0.1)]
-    assert log["loss_contrastive"][0] == 0 and all(np.isfinite(log["loss_contrastive"])) and log["loss_contrastive"][2] > 0
-    resumed_log = max(out.glob("training_log_*.txt"), key=lambda p: p.stat().st_mtime).read_text()
-    assert "Pseudo-labels round 2/2 at iteration 4" in resumed_log and "round 1/2" not in resumed_log
-    assert (out / "validation" / "summary.json").exists()
-
-    pred = tmp_path / "pred"
-    demo.run("nnUNetv2_predict", "-i", str(demo.raw / "imagesTs"), "-o", str(pred), "-d", str(demo.dataset_id),
-             "-c", "3d_fullres", "-tr", TRAINER, "-f", "0", "-device", "cpu", "--disable_tta")
-    assert sorted(p.name for p in pred.glob("*.nii.gz")) == sorted(p.name for p in (demo.raw / "labelsTs").iterdir())
 
 
 @pytest.mark.slow

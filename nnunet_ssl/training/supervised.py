@@ -18,6 +18,7 @@ Training is exactly ``nnUNetTrainer``'s (same network, loss, augmentation, optim
 
 from __future__ import annotations
 
+import glob
 import os
 import random
 import tempfile
@@ -265,7 +266,10 @@ class SupervisedTrainer(nnUNetTrainer):
             "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
             "nnunet_ssl": self.extra_checkpoint_state(),
         }
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(filename), prefix=".ckpt.", suffix=".tmp")
+        folder = os.path.dirname(filename)
+        for stale in glob.glob(os.path.join(folder, ".ckpt.*.tmp")):  # left by a run killed while writing
+            os.remove(stale)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ckpt.", suffix=".tmp")
         os.close(fd)
         try:
             torch.save(checkpoint, tmp)
