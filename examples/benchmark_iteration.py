@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
+REFERENCE = "nnUNetTrainer 2x batch"
+
 
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as f:
@@ -104,8 +106,9 @@ class Bench:
     """One trainer with its synthetic batches."""
 
     def __init__(self, trainer_cls, plans: dict, configuration: str, dataset_json: dict, device: torch.device,
-                 seed: int = 0):
-        self.name = trainer_cls.__name__
+                 seed: int = 0, name: str | None = None):
+        self.name = name or trainer_cls.__name__
+        self.plans = plans
         self.device = device
         self.trainer = trainer_cls(plans={**deepcopy(plans), "continue_training": False},
                                    configuration=configuration, fold=0, dataset_json=dataset_json, device=device)
@@ -115,7 +118,11 @@ class Bench:
         self.batches = [synthetic_batch(self.trainer, rng) for _ in range(4)]
         if getattr(self.trainer, "draws_unlabeled_batches", False):
             # the images (and, for self-training trainers, pseudo-labels) of the labeled batches, in another order
-            unlabeled = [{"data": b["data"].flip(0), "target": _full_resolution(b["target"]).flip(0)}
+            # ``unlabeled_batch_size`` of them (the labeled batch repeated as needed)
+            n = self.trainer.hparams["unlabeled_batch_size"] or self.trainer.batch_size
+            reps = -(-n // self.trainer.batch_size)
+            unlabeled = [{"data": b["data"].flip(0).repeat(reps, *[1] * (b["data"].dim() - 1))[:n],
+                          "target": (t := _full_resolution(b["target"]).flip(0)).repeat(reps, *[1] * (t.dim() - 1))[:n]}
                          for b in self.batches]
 
             def cycle():
@@ -232,7 +239,7 @@ def _cpu_peak_child(trainer_name: str, plans: dict, configuration: str, dataset_
 
     from nnunet_ssl.trainers import TRAINERS
 
-    cls = nnUNetTrainer if trainer_name == "nnUNetTrainer" else TRAINERS[trainer_name]
+    cls = TRAINERS.get(trainer_name, nnUNetTrainer)
     base = _rss_kib("VmRSS")
     _reset_peak_rss()
     bench = Bench(cls, plans, configuration, dataset_json, torch.device("cpu"))
@@ -316,6 +323,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--no-reference", action="store_true", help=f"leave out the row '{REFERENCE}' (plain "
+                        "nnU-Net with the labeled batch doubled, i.e. the floor of a method that also trains on an "
+                        "equally large unlabeled batch)")
     args = parser.parse_args()
     if args.hparams:
         os.environ["nnUNet_ssl_hparams"] = args.hparams
@@ -339,13 +349,17 @@ def main() -> None:
 
     benches = [Bench(cls, plans, args.c, dataset_json, device) for cls in
                (nnUNetTrainer, *(TRAINERS[n] for n in names))]
+    if not args.no_reference:  # nnU-Net on labeled + unlabeled batch: what the hardware charges for the extra patches
+        doubled = deepcopy(plans)
+        doubled["configurations"][args.c]["batch_size"] = 2 * benches[0].trainer.batch_size
+        benches.insert(1, Bench(nnUNetTrainer, doubled, args.c, dataset_json, device, name=REFERENCE))
     for b in benches:
         for _ in range(args.warmup):
             b.step()
     if device.type == "cuda":
         peaks = {b.name: b.peak_cuda_memory_mib(args.memory_iterations) for b in benches}
     else:
-        peaks = {b.name: peak_cpu_memory_mib(b.name, plans, args.c, dataset_json, args.memory_iterations)
+        peaks = {b.name: peak_cpu_memory_mib(b.name, b.plans, args.c, dataset_json, args.memory_iterations)
                  for b in benches}
     times: dict[str, list[float]] = {b.name: [] for b in benches}
     for _ in range(args.iterations):
