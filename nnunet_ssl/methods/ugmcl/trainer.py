@@ -108,12 +108,12 @@ class ConsistencyTrainerBase(SemiSupervisedTrainer):
     hparam_spec: ClassVar[dict[str, HParam]] = COMMON_HPARAMS
     regression_head: ClassVar[bool] = False
 
-    @staticmethod
-    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
         return _network(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                        enable_deep_supervision, regression_head=False)
+                        enable_deep_supervision, regression_head=cls.regression_head)
 
     def initialize(self):
         super().initialize()
@@ -221,14 +221,7 @@ class UAMTTrainer(MeanTeacherTrainer):
 class SignedDistanceMixin:
     """The regression head, signed distance targets (in the augmentation workers) and their losses."""
 
-    regression_head: ClassVar[bool] = True
-
-    @staticmethod
-    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                                   num_input_channels: int, num_output_channels: int,
-                                   enable_deep_supervision: bool = True) -> nn.Module:
-        return _network(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                        enable_deep_supervision, regression_head=True)
+    regression_head: ClassVar[bool] = True  # read by ConsistencyTrainerBase.build_network_architecture
 
     def signed_distance_transform(self) -> SignedDistanceTransform:
         lm = self.label_manager
