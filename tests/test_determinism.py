@@ -27,3 +27,16 @@ def test_same_seed_same_losses(name, demo, monkeypatch, tmp_path):
 def test_another_seed_other_losses(demo, monkeypatch, tmp_path):
     assert _run("MuSTTrainer", demo, monkeypatch, tmp_path / "a", seed=3) != \
         _run("MuSTTrainer", demo, monkeypatch, tmp_path / "b", seed=4)
+
+
+def test_must_scale_reduction_divides_by_scales(demo, monkeypatch, tmp_path):
+    """Same seed, so the same batch and perturbations: the default ``scale_reduction`` "mean" is eq. 3's sum over
+    the decoder scales divided by their number."""
+    losses = {}
+    for reduction in ("sum", "mean"):
+        trainer = make_trainer(demo, "MuSTTrainer", monkeypatch, tmp_path / reduction,
+                               {"seed": 3, "scale_reduction": reduction})
+        losses[reduction] = float(first_losses(trainer, 1)[0]["loss_consistency"])
+        scales = len(trainer.network.decoder.stages)
+    assert scales > 1 and losses["sum"] > 0
+    assert losses["mean"] == pytest.approx(losses["sum"] / scales, rel=1e-5)

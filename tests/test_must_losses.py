@@ -47,8 +47,13 @@ def test_multiscale_consistency_by_hand():
     # mse = (0.4^2 + 0.4^2) / 2 = 0.16
     t1 = torch.tensor([[[math.log(3.0)], [0.0]]])
     s1 = torch.zeros(1, 2, 1)
-    loss = multiscale_consistency_loss([t0, t1], [s0, s1], temperature=0.5)
-    assert loss.item() == pytest.approx(0.0625 + 0.16, abs=1e-6)
+    summed = multiscale_consistency_loss([t0, t1], [s0, s1], temperature=0.5, scale_reduction="sum")
+    assert summed.item() == pytest.approx(0.0625 + 0.16, abs=1e-6)
+    # the default divides by the number of scales (nnU-Net's deep-supervision weights sum to 1)
+    mean = multiscale_consistency_loss([t0, t1], [s0, s1], temperature=0.5)
+    assert mean.item() == pytest.approx((0.0625 + 0.16) / 2, abs=1e-6)
+    with pytest.raises(ValueError, match="scale_reduction"):
+        multiscale_consistency_loss([t0], [s0], 0.5, scale_reduction="max")
 
 
 def test_consistency_gradient_reaches_student_only():

@@ -28,6 +28,9 @@ MUST_HPARAMS: dict[str, HParam] = {
                           low=0.05, high=10.0),
     "consistency_weight": HParam(30.0, float, "Final weight w_u of the multi-scale consistency loss (eq. 5).",
                                  low=0.0),
+    "scale_reduction": HParam("mean", str, "How eq. 3 combines the decoder scales: 'sum' as written, 'mean' "
+                              "(sum / number of scales) to match nnU-Net's deep-supervision weights, which sum to 1 "
+                              "where the paper's eq. 4 sums its scales.", choices=("mean", "sum")),
     "rampup": HParam("linear", str, "Ramp-up of w_u from 0 (the paper's is linear).", choices=("linear", "sigmoid")),
     "uniform_noise_range": HParam(0.3, float, "SPM uniform noise: x * (1 + U(-r, r)).", low=0.0, high=1.0),
     "gaussian_noise_std": HParam(0.2, float, "SPM Gaussian noise: x * (1 + N(0, std^2)).", low=0.0, high=1.0),
@@ -72,7 +75,7 @@ class MuSTTrainer(SemiSupervisedTrainer):
         labeled_out = [t[:n_l] for t in teacher]
         supervised = self.loss(labeled_out if self.enable_deep_supervision else labeled_out[0], target)
         consistency = multiscale_consistency_loss([t[n_l:] for t in teacher], student, self.hparams["temperature"],
-                                                  self.label_manager.has_regions)
+                                                  self.label_manager.has_regions, self.hparams["scale_reduction"])
         weight = self.unsupervised_weight()
         return {
             "loss": semi_supervised_objective(supervised, consistency, weight),
