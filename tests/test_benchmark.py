@@ -133,6 +133,22 @@ def test_summary_table_and_gap():
     gap = "\n".join(bm.gap_lines(summary))
     # upper 0.9, lower 0.6: 30 points; MuST 0.75: +15 points, half the gap
     assert "30.0 Dice points" in gap and "MuSTTrainer: +15.0 Dice points" in gap and "50% of the gap" in gap
+    assert "above it in 2 of 2 seed(s) (seeds 0, 1: +10.0, +20.0)" in gap
+
+
+def test_gain_paired_by_seed():
+    """A trainer run for one seed only is compared with the bounds of that seed, not with their mean over seeds."""
+    results = [_result(bm.LOWER, "SupervisedTrainer", 2, 0, (0.4, 0.4), 4.0),
+               _result(bm.LOWER, "SupervisedTrainer", 2, 1, (0.8, 0.8), 4.0),
+               _result(bm.UPPER, "SupervisedTrainer", None, 0, (0.9, 0.9), 1.0),
+               _result(bm.UPPER, "SupervisedTrainer", None, 1, (0.9, 0.9), 1.0),
+               _result(bm.SSL, "UAMTTrainer", 2, 1, (0.75, 0.75), 3.0)]
+    summary = bm.summarise(results, {"1": "gm", "2": "wm"})
+    assert summary[0]["Dice mean per seed"] == {0: pytest.approx(0.4), 1: pytest.approx(0.8)}
+    gap = "\n".join(bm.gap_lines(summary))
+    # seed 1 only: 0.75 - 0.8 = -5 points of a 10-point gap (unpaired it would be +15 of 30)
+    assert "UAMTTrainer: -5.0 Dice points over the lower bound, -50% of the gap closed; above it in 0 of 1 seed(s) " \
+           "(seeds 1: -5.0)" in gap
 
 
 @pytest.mark.slow

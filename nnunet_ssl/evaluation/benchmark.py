@@ -557,16 +557,17 @@ def summarise(results: list[dict], class_names: dict[str, str]) -> list[dict]:
         row = {"method": method, "role": runs[0]["role"], "num_labeled": k, "seeds": sorted(r["seed"] for r in runs)}
         for metric in METRICS:
             for cls in [*classes, "mean"]:
-                per_seed = []
-                for r in runs:
+                per_seed = {}
+                for r in sorted(runs, key=lambda r: r["seed"]):
                     vals = [c[metric] for c in r["cases"] if (cls == "mean" or c["class"] == cls)
                             and c[metric] is not None]
                     if vals:
-                        per_seed.append(float(np.nanmean(vals)))
+                        per_seed[r["seed"]] = float(np.nanmean(vals))
                 if per_seed:
                     key = f"{metric} {class_names.get(cls, cls)}"
-                    row[key] = float(np.mean(per_seed))
-                    row[key + " std"] = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else float("nan")
+                    values = list(per_seed.values())
+                    row[key] = float(np.mean(values))
+                    row[key + " std"] = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
                     row[key + " per seed"] = per_seed
         for key in ("seconds_per_iteration", "peak_rss_mib", "peak_cuda_mib"):
             vals = [r["training"][key] for r in runs if r["training"].get(key) is not None]
@@ -599,7 +600,15 @@ def markdown_table(summary: list[dict], class_names: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def _paired(row: dict, reference: dict) -> dict[int, float]:
+    """Per seed that both rows ran: row's test-set mean Dice minus reference's."""
+    a, b = row["Dice mean per seed"], reference["Dice mean per seed"]
+    return {s: a[s] - b[s] for s in sorted(set(a) & set(b))}
+
+
 def gap_lines(summary: list[dict]) -> list[str]:
+    """The gap between the bounds and, per semi-supervised trainer, its gain over the lower bound and the share of
+    the gap it closes, both paired by seed (only the seeds the trainer, the lower and the upper bound all ran)."""
     upper = next((r for r in summary if r["role"] == UPPER), None)
     lines = []
     for lower in (r for r in summary if r["role"] == LOWER):
@@ -609,11 +618,19 @@ def gap_lines(summary: list[dict]) -> list[str]:
         lines.append(f"- {lower['num_labeled']} labeled: upper − lower bound = {100 * gap:.1f} Dice points "
                      f"(lower {lower['Dice mean']:.3f} ± {lower['Dice mean std']:.3f}, upper "
                      f"{upper['Dice mean']:.3f} ± {upper['Dice mean std']:.3f}; mean over seeds ± std).")
+        gaps = _paired(upper, lower)
         for r in summary:
-            if r["role"] == SSL and r["num_labeled"] == lower["num_labeled"] and abs(gap) > 1e-9:
-                gain = r["Dice mean"] - lower["Dice mean"]
-                lines.append(f"  - {r['method']}: {100 * gain:+.1f} Dice points over the lower bound, "
-                             f"{100 * gain / gap:.0f}% of the gap closed.")
+            if r["role"] != SSL or r["num_labeled"] != lower["num_labeled"]:
+                continue
+            gains = {s: g for s, g in _paired(r, lower).items() if s in gaps}
+            if not gains:
+                continue
+            gain, seed_gap = float(np.mean(list(gains.values()))), float(np.mean([gaps[s] for s in gains]))
+            closed = f", {100 * gain / seed_gap:.0f}% of the gap closed" if abs(seed_gap) > 1e-9 else ""
+            per_seed = ", ".join(f"{100 * g:+.1f}" for g in gains.values())
+            lines.append(f"  - {r['method']}: {100 * gain:+.1f} Dice points over the lower bound{closed}; above it "
+                         f"in {sum(g > 0 for g in gains.values())} of {len(gains)} seed(s) (seeds "
+                         f"{', '.join(map(str, gains))}: {per_seed}).")
     return lines
 
 
@@ -632,7 +649,7 @@ def plots(results: list[dict], summary: list[dict], out: Path) -> list[Path]:
         shown = [m for m in methods if any(r["method"] == m and r["num_labeled"] in (k, None) for r in summary)]
         for i, m in enumerate(shown):
             row = next(r for r in summary if r["method"] == m and r["num_labeled"] in (k, None))
-            seeds = row["Dice mean per seed"]
+            seeds = list(row["Dice mean per seed"].values())
             ax.scatter([i] * len(seeds), seeds, s=14, color="grey", zorder=2)
             ax.errorbar([i], [row["Dice mean"]], yerr=[0 if not np.isfinite(row["Dice mean std"])
                                                        else row["Dice mean std"]],
