@@ -54,7 +54,7 @@ def test_train_interrupt_resume_predict_evaluate(demo, tmp_path):
     assert len(log["train_losses"]) == 3 and len(log["loss_consistency"]) == 3
     # the ramp continued from the restored iteration count: the logged epoch mean of w_u matches the schedule
     for epoch in range(3):
-        expected = np.mean([30.0 * linear_rampup(epoch * 2 + i, 6) for i in range(2)])
+        expected = np.mean([3.0 * linear_rampup(epoch * 2 + i, 6) for i in range(2)])
         assert log["consistency_weight"][epoch] == pytest.approx(expected)
     logs = sorted(out.glob("training_log_*.txt"))
     assert any(f"Epoch {resumed_from}" in p.read_text() and "Epoch 0" not in p.read_text() for p in logs)
