@@ -4,9 +4,11 @@ import json
 import math
 
 import pytest
+import torch
+from conftest import make_trainer
 
 from nnunet_ssl.methods.must.trainer import MUST_HPARAMS
-from nnunet_ssl.training.hparams import ENV_VAR, HParamError, read_overrides, resolve_hparams
+from nnunet_ssl.training.hparams import ENV_VAR, HParamError, read_overrides, resolve_hparams, with_legacy_values
 from nnunet_ssl.training.ramps import linear_rampup, rampup, sigmoid_rampup
 
 
@@ -62,3 +64,23 @@ def test_read_overrides_from_json_or_file(tmp_path):
     with pytest.raises(HParamError, match="must hold a JSON object"):
         f.write_text("[1, 2]")
         read_overrides({ENV_VAR: str(f)})
+
+
+def test_checkpoint_without_a_later_setting_resumes_as_trained(demo, monkeypatch, tmp_path):
+    """A MuST checkpoint written before ``scale_reduction`` existed was trained with eq. 3 summed: ``--c`` keeps
+    that, while a new training gets the default."""
+    trainer = make_trainer(demo, "MuSTTrainer", monkeypatch, tmp_path / "a")
+    trainer.initialize()
+    ckpt = tmp_path / "old.pth"
+    trainer.save_checkpoint(str(ckpt))
+    state = torch.load(ckpt, weights_only=False)
+    del state["nnunet_ssl"]["hparams"]["scale_reduction"]
+    torch.save(state, ckpt)
+
+    resumed = make_trainer(demo, "MuSTTrainer", monkeypatch, tmp_path / "b")
+    assert resumed.hparams["scale_reduction"] == "mean"
+    resumed.hparams_from_env = False  # as with nnUNet_ssl_hparams unset: the checkpoint's values apply
+    resumed.initialize()
+    resumed.load_checkpoint(str(ckpt))
+    assert resumed.hparams["scale_reduction"] == "sum"
+    assert with_legacy_values(MUST_HPARAMS, {"scale_reduction": "mean"}) == {"scale_reduction": "mean"}

@@ -18,6 +18,9 @@ from typing import Any
 ENV_VAR = "nnUNet_ssl_hparams"
 
 
+_NO_LEGACY = object()
+
+
 class HParamError(ValueError):
     """An unknown hyper-parameter or a bad value; the message names it and the accepted values."""
 
@@ -32,6 +35,8 @@ class HParam:
     choices: tuple | None = None
     optional: bool = False  # None is accepted (and means "derive it", see help)
     high_exclusive: bool = False  # the upper bound itself is not accepted: [low, high)
+    # the value that reproduces checkpoints written before this setting existed, if not the default
+    legacy: Any = _NO_LEGACY
 
     def requirement(self) -> str:
         if self.choices is not None:
@@ -104,6 +109,13 @@ def resolve_hparams(spec: Mapping[str, HParam], trainer_name: str,
         raise HParamError(f"unknown hyper-parameter(s) for {trainer_name}: {', '.join(unknown)} (from {ENV_VAR}). "
                           f"Known: {', '.join(sorted(spec))}. Run `nnunet_ssl hparams {trainer_name}` to list them.")
     return {name: p.validate(name, overrides.get(name, p.default)) for name, p in spec.items()}
+
+
+def with_legacy_values(spec: Mapping[str, HParam], saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's hyper-parameters, completed for settings added after it was written with the value that
+    reproduces how it was trained, so that ``--c`` resumes the same training."""
+    added = {n: p.legacy for n, p in spec.items() if n not in saved and p.legacy is not _NO_LEGACY}
+    return {**added, **saved}
 
 
 def describe(spec: Mapping[str, HParam]) -> str:

@@ -38,7 +38,14 @@ from nnunet_ssl.data.labeled_fraction import FILENAME as LABELED_FRACTION_FILE
 from nnunet_ssl.data.labeled_fraction import check_declared_cases, declared_unlabeled_cases
 from nnunet_ssl.data.unlabeled import write_json_atomic
 from nnunet_ssl.evaluation.calibration import validation_calibration
-from nnunet_ssl.training.hparams import ENV_VAR, HParam, HParamError, read_overrides, resolve_hparams
+from nnunet_ssl.training.hparams import (
+    ENV_VAR,
+    HParam,
+    HParamError,
+    read_overrides,
+    resolve_hparams,
+    with_legacy_values,
+)
 from nnunet_ssl.training.logging import SSLLocalLogger
 
 CUDA = torch.device("cuda")  # nnU-Net's default device, a module constant for the signature
@@ -285,7 +292,7 @@ class SupervisedTrainer(nnUNetTrainer):
             self.print_to_log_file(f"{filename_or_checkpoint} has no nnunet_ssl state (not written by an nnunet_ssl "
                                    f"trainer); method state starts fresh.")
             return
-        saved = state["hparams"]
+        saved = with_legacy_values(self.hparam_spec, state["hparams"])
         if saved != self.hparams:
             if self.hparams_from_env:
                 diff = {k: (saved.get(k), self.hparams.get(k)) for k in set(saved) | set(self.hparams)

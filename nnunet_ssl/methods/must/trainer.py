@@ -32,7 +32,8 @@ MUST_HPARAMS: dict[str, HParam] = {
                                  low=0.0),
     "scale_reduction": HParam("mean", str, "How eq. 3 combines the decoder scales: 'sum' as written, 'mean' "
                               "(sum / number of scales) to match nnU-Net's deep-supervision weights, which sum to 1 "
-                              "where the paper's eq. 4 sums its scales.", choices=("mean", "sum")),
+                              "where the paper's eq. 4 sums its scales.", choices=("mean", "sum"),
+                              legacy="sum"),
     "rampup": HParam("linear", str, "Ramp-up of w_u from 0 (the paper's is linear).", choices=("linear", "sigmoid")),
     "uniform_noise_range": HParam(0.3, float, "SPM uniform noise: x * (1 + U(-r, r)).", low=0.0, high=1.0),
     "gaussian_noise_std": HParam(0.2, float, "SPM Gaussian noise: x * (1 + N(0, std^2)).", low=0.0, high=1.0),
