@@ -32,7 +32,7 @@ def test_sigmoid_rampup_is_gaussian_with_squared_bracket():
 def test_defaults_are_the_papers_but_the_weight():
     h = resolve_hparams(MUST_HPARAMS, "MuSTTrainer", {})
     assert h["temperature"] == 0.8 and h["rampup"] == "linear"
-    # the paper's w_u = 30 collapsed predictions with nnU-Net's loss (docs/benchmarks.md); 3 is the default
+    # the paper's w_u = 30 fell far below nnU-Net with nnU-Net's loss (docs/benchmarks.md); 3 is the default
     assert h["consistency_weight"] == 3.0 and h["scale_reduction"] == "mean"
 
 

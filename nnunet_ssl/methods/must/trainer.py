@@ -4,7 +4,7 @@ Per iteration, labeled and unlabeled patches go through the network in one call:
 gives the deep-supervision outputs for nnU-Net's Dice + CE on the labeled part (eq. 4) and, sharpened (eq. 2),
 the targets for the perturbed (student) decoder passes on the unlabeled part (eq. 3); the total is eq. 5 with
 w_u ramped linearly from 0 (section 3.2). Defaults are the paper's WMH setting (T = 0.8) except w_u: 3, not 30, since
-with nnU-Net's Dice + CE the paper's 30 collapsed predictions on unfamiliar images (README, docs/benchmarks.md).
+with nnU-Net's Dice + CE the paper's 30 pulled unfamiliar images towards background (README, docs/benchmarks.md).
 """
 
 from __future__ import annotations
