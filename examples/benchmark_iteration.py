@@ -27,6 +27,10 @@ filter's mirrored second prediction), per case.
 Peak memory is CUDA's max_memory_allocated on a GPU; on a CPU it is measured in a fresh process per trainer: the
 growth of the peak resident set size (VmHWM) over the resident size before the trainer was built (network,
 optimizer, teacher, and the activations of the iterations).
+
+FLOPs of one training iteration (torch's FLOP counter: matrix products and convolutions of the forward, losses and
+backward) are counted for every trainer: their ratio is what a method costs on any hardware once the device is
+saturated, the floor a measured time ratio tends to on a GPU. ``--flops-only`` prints just those (seconds on a CPU).
 """
 
 from __future__ import annotations
@@ -141,6 +145,21 @@ class Bench:
         _sync(self.device)
         self.i += 1
         return time.perf_counter() - start
+
+    def step_flops(self) -> int:
+        """Floating-point operations of one training iteration (forward, losses, backward; torch's FLOP counter
+        counts matrix products and convolutions), on the uncompiled network: a compiled graph would bypass the
+        counter."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        network = self.trainer.network
+        self.trainer.network = getattr(network, "_orig_mod", network)
+        try:
+            with FlopCounterMode(display=False) as counter:
+                self.step()
+        finally:
+            self.trainer.network = network
+        return counter.get_total_flops()
 
     def peak_cuda_memory_mib(self, iterations: int) -> float:
         _sync(self.device)
@@ -305,6 +324,22 @@ def augmentation_cost(trainer, batches: int = 8) -> dict:
     return figures
 
 
+def unlabeled_batch_size(bench: Bench) -> int:
+    t = bench.trainer
+    return (t.hparams["unlabeled_batch_size"] or t.batch_size) if getattr(t, "draws_unlabeled_batches", False) else 0
+
+
+def print_flops(benches: list[Bench], flops: dict[str, int], dataset: str, configuration: str) -> None:
+    base = benches[0]
+    print(f"{dataset} {configuration}: patch {list(base.trainer.configuration_manager.patch_size)}, batch "
+          f"{base.trainer.batch_size} labeled (+ the unlabeled batch in column 'unl.'); FLOPs of one training "
+          f"iteration (forward, losses, backward)")
+    print(f"{'trainer':<24}{'unl.':>5}{'GFLOP':>10}{'ratio':>8}")
+    for b in benches:
+        print(f"{b.name:<24}{unlabeled_batch_size(b):>5}{flops[b.name] / 1e9:>10.1f}"
+              f"{flops[b.name] / flops[base.name]:>7.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-d", required=True, help="dataset name or id (planned with nnUNetv2_plan_and_preprocess)")
@@ -323,6 +358,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--flops-only", action="store_true", help="only count the FLOPs of an iteration (the same on "
+                        "every machine; seconds on a CPU), no timings, memory or rounds")
     parser.add_argument("--no-reference", action="store_true", help=f"leave out the row '{REFERENCE}' (plain "
                         "nnU-Net with the labeled batch doubled, i.e. the floor of a method that also trains on an "
                         "equally large unlabeled batch)")
@@ -353,6 +390,10 @@ def main() -> None:
         doubled = deepcopy(plans)
         doubled["configurations"][args.c]["batch_size"] = 2 * benches[0].trainer.batch_size
         benches.insert(1, Bench(nnUNetTrainer, doubled, args.c, dataset_json, device, name=REFERENCE))
+    flops = {b.name: b.step_flops() for b in benches}
+    if args.flops_only:
+        print_flops(benches, flops, name, args.c)
+        return
     for b in benches:
         for _ in range(args.warmup):
             b.step()
@@ -380,18 +421,16 @@ def main() -> None:
                 prediction[b.name].append(seconds)
     results = []
     for b in benches:
-        draws = getattr(b.trainer, "draws_unlabeled_batches", False)
         results.append({"trainer": b.name, "seconds_per_iteration": statistics.median(times[b.name]),
+                        "gflop_per_iteration": flops[b.name] / 1e9,
                         "peak_memory_mib": peaks[b.name],
                         "inference_seconds_per_patch": statistics.median(inference[b.name]),
                         "prediction_seconds_per_case": statistics.median(prediction[b.name]),
-                        "batch_size": b.trainer.batch_size,
-                        "unlabeled_batch_size": (b.trainer.hparams["unlabeled_batch_size"] or b.trainer.batch_size)
-                        if draws else 0,
+                        "batch_size": b.trainer.batch_size, "unlabeled_batch_size": unlabeled_batch_size(b),
                         "patch_size": list(b.trainer.configuration_manager.patch_size)})
     base = results[0]
     for r in results[1:]:
-        r["ratios"] = {k: r[k] / base[k] for k in ("seconds_per_iteration", "peak_memory_mib",
+        r["ratios"] = {k: r[k] / base[k] for k in ("seconds_per_iteration", "gflop_per_iteration", "peak_memory_mib",
                                                    "inference_seconds_per_patch", "prediction_seconds_per_case")}
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU, {torch.get_num_threads()} threads"
@@ -399,10 +438,11 @@ def main() -> None:
           f"in column 'unl.'), prediction of a case of {list(case.shape[1:])} voxels, {hardware}, "
           f"torch {torch.__version__}")
     print(f"{'trainer':<24}{'unl.':>5}{'s/iteration':>12}{'peak MiB':>10}{'s/patch':>9}{'s/case':>8}"
-          f"{'time':>8}{'memory':>8}{'patch':>7}{'case':>7}")
+          f"{'time':>8}{'FLOPs':>8}{'memory':>8}{'patch':>7}{'case':>7}")
     for r in results:
         ratio = r.get("ratios")
-        tail = "" if ratio is None else (f"{ratio['seconds_per_iteration']:>7.2f}x{ratio['peak_memory_mib']:>7.2f}x"
+        tail = "" if ratio is None else (f"{ratio['seconds_per_iteration']:>7.2f}x"
+                                         f"{ratio['gflop_per_iteration']:>7.2f}x{ratio['peak_memory_mib']:>7.2f}x"
                                          f"{ratio['inference_seconds_per_patch']:>6.2f}x"
                                          f"{ratio['prediction_seconds_per_case']:>6.2f}x")
         print(f"{r['trainer']:<24}{r['unlabeled_batch_size']:>5}{r['seconds_per_iteration']:>12.3f}"
