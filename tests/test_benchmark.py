@@ -151,6 +151,28 @@ def test_gain_paired_by_seed():
            "(seeds 1: -5.0)" in gap
 
 
+def test_population_table():
+    """Dice per test population: each population's cases alone, mean and std over seeds of the per-seed means."""
+    def result(role, trainer, k, seed, a, b):  # case t0 (population "x"): Dice a for both classes; t1 ("y"): b
+        return {"role": role, "trainer": trainer, "method": f"{role} ({trainer})" if role != bm.SSL else trainer,
+                "num_labeled": k, "seed": seed, "training": {},
+                "cases": [{"case": c, "class": cls, "Dice": d, "HD95": 1.0, "ASD": 1.0, "ECE": None}
+                          for c, d in (("t0", a), ("t1", b)) for cls in ("1", "2")]}
+
+    results = [result(bm.LOWER, "SupervisedTrainer", 2, 0, 0.5, 0.2), result(bm.LOWER, "SupervisedTrainer", 2, 1,
+                                                                             0.7, 0.4),
+               result(bm.UPPER, "SupervisedTrainer", None, 0, 0.9, 0.8)]
+    table = bm.population_table(results, {"t0": "x", "t1": "y"}, {"1": "gm", "2": "wm"})
+    lines = table.splitlines()
+    assert lines[0] == ("| method | labeled | Dice gm, x | Dice wm, x | Dice mean, x | Dice gm, y | Dice wm, y | "
+                        "Dice mean, y |")
+    # lower bound: x 0.5 and 0.7 over the seeds -> 0.600 +- 0.141; y 0.2 and 0.4 -> 0.300 +- 0.141
+    assert lines[2] == ("| lower bound (SupervisedTrainer) | 2 | 0.600 ± 0.141 | 0.600 ± 0.141 | 0.600 ± 0.141 | "
+                        "0.300 ± 0.141 | 0.300 ± 0.141 | 0.300 ± 0.141 |")
+    assert lines[3] == "| upper bound (SupervisedTrainer) | all | 0.900 | 0.900 | 0.900 | 0.800 | 0.800 | 0.800 |"
+    assert bm.population_table(results, {"t0": "x", "t1": "x"}, {"1": "gm", "2": "wm"}) == ""  # one population
+
+
 @pytest.mark.slow
 def test_benchmark_runs_and_resumes(demo, tmp_path):
     work = tmp_path / "work"

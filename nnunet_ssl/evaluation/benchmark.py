@@ -103,6 +103,7 @@ class Context:
     test: list[str]
     has_unlabeled_folder: bool
     class_names: dict[str, str]
+    test_populations: dict[str, str] = field(default_factory=dict)  # test case -> the cohort's source anatomy
 
 
 @dataclass
@@ -278,8 +279,9 @@ def prepare(settings: Settings, log=print) -> tuple[Context, list[Run]]:
             runs += [Run(LOWER, BASELINE, k, seed) for k in counts] + [Run(UPPER, BASELINE, None, seed)]
     runs += [Run(SSL, t, k, seed) for seed in settings.seeds for k in counts for t in trainers]
     class_names = {str(v): k for k, v in dataset_json["labels"].items() if k != "background"}
+    populations = {s["case"]: s["source"] for s in cohort.get("subjects", []) if s["case"] in test}
     ctx = Context(int(name[7:10]), name, raw, pp, plans_identifier, train, val, pool, test, has_unlabeled,
-                  class_names)
+                  class_names, populations)
     _check_work_dir(settings, ctx)
     return ctx, runs
 
@@ -600,6 +602,27 @@ def markdown_table(summary: list[dict], class_names: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def population_table(results: list[dict], populations: dict[str, str], class_names: dict[str, str]) -> str:
+    """Dice per class and mean, per test population (e.g. the cohort's source anatomy of each test subject): the
+    summary of ``summarise`` over each population's cases alone. Empty with fewer than two populations."""
+    names = sorted(set(populations.values()))
+    if len(names) < 2:
+        return ""
+    per_population = {n: {(r["method"], r["num_labeled"]): r for r in summarise(
+        [{**res, "cases": [c for c in res["cases"] if populations.get(c["case"]) == n]} for res in results],
+        class_names)} for n in names}
+    columns = [*class_names.values(), "mean"]
+    head = ["method", "labeled"] + [f"Dice {c}, {n}" for n in names for c in columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, row in per_population[names[0]].items():
+        cells = [row["method"], "all" if row["num_labeled"] is None else str(row["num_labeled"])]
+        for n in names:
+            r = per_population[n].get(key, {})
+            cells += [_fmt(r.get(f"Dice {c}"), r.get(f"Dice {c} std"), 3) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _paired(row: dict, reference: dict) -> dict[int, float]:
     """Per seed that both rows ran: row's test-set mean Dice minus reference's."""
     a, b = row["Dice mean per seed"], reference["Dice mean per seed"]
@@ -712,8 +735,12 @@ def write_report(settings: Settings, ctx: Context) -> Path | None:
             ("- cells: mean ± standard deviation over seeds of the test-set mean (NaN-skipping); HD95 and ASD in mm "
              "(an empty prediction or reference counts as the image diagonal); s/iteration: median epoch wall time "
              "/ iterations per epoch; peak memory: CUDA peak allocated on a GPU, else peak resident set size of the "
-             "training process"), "", markdown_table(summary, ctx.class_names), "", *gap_lines(summary), "",
-            *[f"![{f.stem}]({f.name})" for f in figures], ""]
+             "training process"), "", markdown_table(summary, ctx.class_names), "", *gap_lines(summary), ""]
+    by_population = population_table(results, ctx.test_populations, ctx.class_names)
+    if by_population:
+        text += [("Per test population (the source anatomy of each test subject, from `cohort.json`): mean ± "
+                  "standard deviation over seeds of the population's test-set mean."), "", by_population, ""]
+    text += [*[f"![{f.stem}]({f.name})" for f in figures], ""]
     (out / "benchmark.md").write_text("\n".join(text))
     return out / "benchmark.md"
 
