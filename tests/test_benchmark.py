@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from conftest import SHORT
 
 from nnunet_ssl.data.labeled_fraction import make_labeled_fraction
@@ -82,6 +84,35 @@ def test_unknown_trainer_and_bad_hparams(raw_env):
         bm.prepare(_settings(raw_env, hparams={"num_epochs": 0}), log=lambda _: None)
     with pytest.raises(bm.BenchmarkError, match="temperature"):
         bm.prepare(_settings(raw_env, trainer_hparams={"MuSTTrainer": {"temperature": -1}}), log=lambda _: None)
+    with pytest.raises(bm.BenchmarkError, match="--augmentation-workers -1"):
+        bm.prepare(_settings(raw_env, augmentation_workers=-1), log=lambda _: None)
+
+
+def test_training_seeded_with_the_run_seed(raw_env):
+    settings = _settings(raw_env, trainer_hparams={"MuSTTrainer": {"temperature": 0.5}})
+    assert bm.hparams_for(settings, "MuSTTrainer", 4) == {**SHORT, "temperature": 0.5, "seed": 4}
+    assert bm.hparams_for(settings, "SupervisedTrainer", 4) == {**SHORT, "seed": 4}
+    assert "seed" not in bm.hparams_for(bm.Settings(**{**vars(settings), "seed_training": False}), "MuSTTrainer", 4)
+    _raw_dataset(raw_env)
+    for bad in ({"hparams": {**SHORT, "seed": 1}}, {"trainer_hparams": {"MuSTTrainer": {"seed": 1}}}):
+        with pytest.raises(bm.BenchmarkError, match="'seed' in --(trainer-)?hparams.*--no-seed-training"):
+            bm.prepare(_settings(raw_env, **bad), log=lambda _: None)
+
+
+def test_work_folder_from_before_seeding_resumes_unseeded(tmp_path):
+    """A work folder whose benchmark.json predates the ``seed_training`` setting holds unseeded runs: it resumes with
+    --no-seed-training and is refused with seeding (its runs would not be comparable)."""
+    ctx = bm.Context(971, "Dataset971_Tiny", tmp_path, tmp_path, "nnUNetPlans", ["c0", "c1"], ["c2"], ["c0", "c1"],
+                     ["t0"], False, {"1": "a"})
+    unseeded = _settings(tmp_path, seed_training=False)
+    old = {k: v for k, v in unseeded.fingerprint().items() if k != "seed_training"}
+    unseeded.work_dir.mkdir(parents=True)
+    (unseeded.work_dir / "benchmark.json").write_text(json.dumps({**old, "dataset": ctx.name, "val": ctx.val,
+                                                                  "pool": ctx.pool}))
+    with pytest.raises(bm.BenchmarkError, match=r"other settings \(seed_training differ"):
+        bm._check_work_dir(_settings(tmp_path), ctx)
+    bm._check_work_dir(unseeded, ctx)
+    assert json.loads((unseeded.work_dir / "benchmark.json").read_text())["seed_training"] is False
 
 
 def test_cli_reports_bad_input(raw_env):
@@ -173,12 +204,17 @@ def test_population_table():
     assert bm.population_table(results, {"t0": "x", "t1": "x"}, {"1": "gm", "2": "wm"}) == ""  # one population
 
 
+def _weights(checkpoint: Path) -> dict:
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["network_weights"]
+
+
 @pytest.mark.slow
 def test_benchmark_runs_and_resumes(demo, tmp_path):
     work = tmp_path / "work"
     cmd = [str(Path(sys.executable).parent / "nnunet_ssl"), "benchmark", "-d", str(demo.dataset_id), "--work-dir",
            str(work), "-c", "3d_fullres", "--num-labeled", "2", "--seeds", "0", "--trainers", "MuSTTrainer",
-           "--hparams", json.dumps(SHORT), "--device", "cpu", "--disable-tta", "-np", "1"]
+           "--hparams", json.dumps(SHORT), "--device", "cpu", "--disable-tta", "-np", "1",
+           "--augmentation-workers", "0"]  # with the run's seed, training is repeatable on the CPU
     first = demo.run(*cmd)
     runs = work / "runs"
     assert sorted(p.name for p in runs.iterdir()) == ["all_seed0", "n2_seed0"]
@@ -198,6 +234,7 @@ def test_benchmark_runs_and_resumes(demo, tmp_path):
         assert len(r["cases"]) == 2 * 2  # 2 test cases x 2 classes
         assert all(0 <= c["Dice"] <= 1 and c["HD95"] >= 0 for c in r["cases"] if np.isfinite(c["Dice"]))
         assert r["training"]["seconds_per_iteration"] > 0 and r["training"]["peak_rss_mib"] > 0
+        assert r["hparams"] == {**SHORT, "seed": 0}
     with open(work / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 * 4 and {r["method"] for r in rows} == {
@@ -208,14 +245,24 @@ def test_benchmark_runs_and_resumes(demo, tmp_path):
     assert first.stdout.count("done in") == 3
 
     # resume: nothing finished is repeated; a run that lost only its evaluation is predicted and evaluated again,
-    # without training
-    checkpoints = {p: p.stat().st_mtime_ns for p in runs.rglob("checkpoint_final.pth")}
+    # without training; a run that lost its training is trained again, seeded as before, with the same result
+    lower_fold = lower_log.parent
+    lower_metrics = runs / "n2_seed0" / "metrics_lower_SupervisedTrainer.json"
+    lower_cases = json.dumps(json.loads(lower_metrics.read_text())["cases"])  # NaN-safe comparison
+    lower_weights = _weights(lower_fold / "checkpoint_final.pth")
+    checkpoints = {p: p.stat().st_mtime_ns for p in runs.rglob("checkpoint_final.pth") if lower_fold not in p.parents}
     (runs / "n2_seed0" / "metrics_MuSTTrainer.json").unlink()
+    lower_metrics.unlink()
+    shutil.rmtree(lower_fold)
     second = demo.run(*cmd)
-    assert second.stdout.count("already finished, skipped") == 2 and second.stdout.count("done in") == 1
-    assert "training MuSTTrainer" not in second.stdout
-    assert {p: p.stat().st_mtime_ns for p in runs.rglob("checkpoint_final.pth")} == checkpoints
+    assert second.stdout.count("already finished, skipped") == 1 and second.stdout.count("done in") == 2
+    assert "training MuSTTrainer" not in second.stdout and "training lower bound" in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("checkpoint_final.pth")
+            if lower_fold not in p.parents} == checkpoints
     assert (runs / "n2_seed0" / "metrics_MuSTTrainer.json").is_file()
+    assert json.dumps(json.loads(lower_metrics.read_text())["cases"]) == lower_cases
+    again = _weights(lower_fold / "checkpoint_final.pth")
+    assert again.keys() == lower_weights.keys() and all(torch.equal(again[k], lower_weights[k]) for k in again)
 
     # other settings in the same work folder are refused before anything runs
     bad = demo.run(*[a if a != json.dumps(SHORT) else json.dumps({**SHORT, "num_epochs": 2}) for a in cmd],

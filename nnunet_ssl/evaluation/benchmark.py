@@ -14,7 +14,7 @@ other training cases). With it, in one nnU-Net environment per (k, s):
 
 and per seed, without the file, the **upper bound**: ``SupervisedTrainer`` on every training case with its label.
 All use the same plans, configuration, fold-0 split (validation cases fixed), schedule (``--hparams``, passed as
-``nnUNet_ssl_hparams``) and ``checkpoint_final.pth``; each predicts ``imagesTs`` with ``nnUNetv2_predict`` and is
+``nnUNet_ssl_hparams``; each training seeded with the run's seed) and ``checkpoint_final.pth``; each predicts ``imagesTs`` with ``nnUNetv2_predict`` and is
 evaluated against ``labelsTs``: nnU-Net's Dice, HD95 and ASD in mm (``surface.py``), and the expected calibration
 error (foreground ECE, ``calibration.py``) from the saved probabilities.
 
@@ -31,6 +31,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -49,7 +50,7 @@ SCHEDULE_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_p
 PROFILES: dict[str, dict] = {
     # on 2 idle CPU cores 2-4 minutes per run: about 33 minutes per seed with every trainer (docs/benchmarks.md)
     "cpu": {"configuration": "2d", "batch_size": 8, "device": "cpu", "seeds": [0, 1, 2], "num_labeled": [3],
-            "disable_tta": True,
+            "disable_tta": True, "augmentation_workers": 0,
             "hparams": {"num_epochs": 12, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 4,
                         "save_every": 4}},
     # 3d_fullres on one GPU, long enough for the losses to flatten on the cohort (2 mm voxels, see the docs)
@@ -80,6 +81,8 @@ class Settings:
     hparams: dict = field(default_factory=dict)
     trainer_hparams: dict[str, dict] = field(default_factory=dict)
     disable_tta: bool = False
+    seed_training: bool = True  # each run's training seeded with the run's seed (trainer hyper-parameter `seed`)
+    augmentation_workers: int | None = None  # nnUNet_n_proc_DA for training; None: the environment's
     save_probabilities: bool = True
     num_processes: int = int(os.environ.get("nnUNet_def_n_proc", "2"))
 
@@ -87,7 +90,7 @@ class Settings:
         """What must not change between calls on the same work folder (seeds, counts and trainers may grow)."""
         return {"dataset": self.dataset, "configuration": self.configuration, "plans": self.plans,
                 "batch_size": self.batch_size, "hparams": self.hparams, "trainer_hparams": self.trainer_hparams,
-                "disable_tta": self.disable_tta}
+                "disable_tta": self.disable_tta, "seed_training": self.seed_training}
 
 
 @dataclass
@@ -127,7 +130,7 @@ class Run:
 
 
 # ---------------------------------------------------------------------------------------------- set-up
-def _env(ctx_env: Path | None = None, hparams: dict | None = None) -> dict:
+def _env(ctx_env: Path | None = None, hparams: dict | None = None, augmentation_workers: int | None = None) -> dict:
     from nnunet_ssl.ext_trainers_path import trainers_path
 
     env = {**os.environ, "nnUNet_extTrainer": str(trainers_path())}
@@ -137,6 +140,8 @@ def _env(ctx_env: Path | None = None, hparams: dict | None = None) -> dict:
         env["nnUNet_results"] = str(ctx_env / "nnUNet_results")
     if hparams is not None:
         env["nnUNet_ssl_hparams"] = json.dumps(hparams)
+    if augmentation_workers is not None:
+        env["nnUNet_n_proc_DA"] = str(augmentation_workers)
     return env
 
 
@@ -193,6 +198,11 @@ def _check_hparams(settings: Settings, trainers: list[str]) -> None:
     from nnunet_ssl.training.hparams import HParamError, resolve_hparams
 
     classes = trainer_classes()
+    given = [f"--trainer-hparams {n}" for n, h in settings.trainer_hparams.items() if "seed" in h]
+    if "seed" in settings.hparams or given:
+        raise BenchmarkError(f"'seed' in {(['--hparams'] if 'seed' in settings.hparams else given)[0]}: the harness "
+                             "seeds each run's training with the run's seed (--seeds); remove it "
+                             "(--no-seed-training trains unseeded, as nnU-Net)")
     for name in {BASELINE, *trainers}:
         try:
             resolve_hparams(classes[name].hparam_spec, name, hparams_for(settings, name))
@@ -203,13 +213,15 @@ def _check_hparams(settings: Settings, trainers: list[str]) -> None:
             raise BenchmarkError(f"--trainer-hparams names unknown trainer '{name}'")
 
 
-def hparams_for(settings: Settings, trainer: str) -> dict:
-    """The common schedule plus the trainer's own values; the baseline gets only keys it knows."""
+def hparams_for(settings: Settings, trainer: str, seed: int | None = None) -> dict:
+    """The common schedule plus the trainer's own values (the baseline gets only keys it knows) and, with
+    ``settings.seed_training``, the run's ``seed``."""
     from nnunet_ssl.trainers import TRAINERS
 
     spec = TRAINERS[trainer].hparam_spec
     common = {k: v for k, v in settings.hparams.items() if k in spec or trainer != BASELINE}
-    return {**common, **settings.trainer_hparams.get(trainer, {})}
+    seeded = {"seed": seed} if settings.seed_training and seed is not None else {}
+    return {**common, **settings.trainer_hparams.get(trainer, {}), **seeded}
 
 
 def prepare(settings: Settings, log=print) -> tuple[Context, list[Run]]:
@@ -253,6 +265,8 @@ def prepare(settings: Settings, log=print) -> tuple[Context, list[Run]]:
         raise BenchmarkError(f"unknown trainer(s) {', '.join(unknown)}; available: {', '.join(sorted(classes))}")
     trainers = [t for t in trainers if t != BASELINE]  # the baseline runs as the bounds
     _check_hparams(settings, trainers)
+    if settings.augmentation_workers is not None and settings.augmentation_workers < 0:
+        raise BenchmarkError(f"--augmentation-workers {settings.augmentation_workers}: give 0 or more")
 
     cohort_file = raw / "cohort.json"
     cohort = json.loads(cohort_file.read_text()) if cohort_file.is_file() else {}
@@ -294,8 +308,11 @@ def _ensure_preprocessed(settings: Settings, name: str, pp: Path, n_cases: int, 
         if settings.plans != "nnUNetPlans":
             raise BenchmarkError(f"{plans_file} not found; plan the dataset with those plans first")
         log(f"planning and preprocessing {name} ({settings.configuration}) ...")
+        env = _env()
+        if env.get("nnUNet_n_proc_DA") == "0":  # nnU-Net's planner sets torch's threads to it and fails on 0
+            env["nnUNet_n_proc_DA"] = n
         _run_cmd(["nnUNetv2_plan_and_preprocess", "-d", dataset_id, "-c", settings.configuration, "-np", n],
-                 _env(), settings.work_dir / "logs" / "preprocess.log")
+                 env, settings.work_dir / "logs" / "preprocess.log")
     plans = json.loads(plans_file.read_text())
     if settings.configuration not in plans["configurations"]:
         raise BenchmarkError(f"configuration '{settings.configuration}' is not in {plans_file} (it has "
@@ -331,6 +348,7 @@ def _check_work_dir(settings: Settings, ctx: Context) -> None:
     now = {**settings.fingerprint(), "dataset": ctx.name, "val": ctx.val, "pool": ctx.pool}
     if f.is_file():
         before = json.loads(f.read_text())
+        before.setdefault("seed_training", False)  # folders from before the harness seeded training
         before = {k: before.get(k) for k in now}
         if before != now:
             diff = sorted(k for k in now if before.get(k) != now[k])
@@ -415,16 +433,17 @@ def execute(settings: Settings, ctx: Context, run: Run, log=print) -> bool | Non
 
 def _execute(settings: Settings, ctx: Context, run: Run, out: Path, log) -> bool:
     root = setup_env(settings, ctx, run)
-    hparams = hparams_for(settings, run.trainer)
-    env = _env(root, hparams)
+    hparams = hparams_for(settings, run.trainer, run.seed)
+    env = _env(root, hparams, settings.augmentation_workers)
     fold = fold_folder(settings, ctx, root, run.trainer)
     logs = root / "logs"
+    pred = root / f"pred_{run.name}"
     if not (fold / "checkpoint_final.pth").is_file():
+        shutil.rmtree(pred, ignore_errors=True)  # predictions of an earlier training must not be continued
         log(f"[{run.env_name}] training {run.method} ...")
         _run_cmd([sys.executable, "-m", "nnunet_ssl.evaluation.measured_train", str(root / f"train_{run.name}.json"),
                   str(ctx.dataset_id), settings.configuration, "0", "-tr", run.trainer, "-p", ctx.plans_identifier,
                   "-device", settings.device, "--c"], env, logs / f"train_{run.name}.log")
-    pred = root / f"pred_{run.name}"
     log(f"[{run.env_name}] predicting the test set with {run.method} ...")
     cmd = ["nnUNetv2_predict", "-i", str(ctx.raw / "imagesTs"), "-o", str(pred), "-d", str(ctx.dataset_id),
            "-c", settings.configuration, "-p", ctx.plans_identifier, "-tr", run.trainer, "-f", "0",
@@ -824,6 +843,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cuda", "cpu"], default=None)
     p.add_argument("--disable-tta", action="store_true", default=None, help="no mirroring at prediction")
     p.add_argument("--no-probabilities", action="store_true", help="do not save probabilities (no ECE)")
+    p.add_argument("--no-seed-training", action="store_true",
+                   help="train unseeded, as nnU-Net (default: each run's training is seeded with its seed)")
+    p.add_argument("--augmentation-workers", type=int, default=None,
+                   help="nnUNet_n_proc_DA for training (0: augmentation in the training process, which with the "
+                        "seed makes CPU runs repeatable; the cpu profile's default)")
     p.add_argument("-np", type=int, default=None, help="processes for preprocessing, prediction and evaluation "
                                                        "(default nnUNet_def_n_proc or 2)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
@@ -855,7 +879,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         seeds=pick(args.seeds, "seeds", [0, 1, 2]), num_labeled=num_labeled or [], fractions=args.fraction or [],
         trainers=args.trainers, bounds=not args.no_bounds, hparams=pick(args.hparams, "hparams", {}),
         trainer_hparams=trainer_hparams, disable_tta=bool(pick(args.disable_tta, "disable_tta", False)),
-        save_probabilities=not args.no_probabilities,
+        save_probabilities=not args.no_probabilities, seed_training=not args.no_seed_training,
+        augmentation_workers=pick(args.augmentation_workers, "augmentation_workers", None),
         num_processes=args.np or int(os.environ.get("nnUNet_def_n_proc", "2")))
 
 
