@@ -241,6 +241,7 @@ def test_benchmark_runs_and_resumes(demo, tmp_path):
         "lower bound (SupervisedTrainer)", "MuSTTrainer", "upper bound (SupervisedTrainer)"}
     table = (work / "benchmark.md").read_text()
     assert "| MuSTTrainer | 2 | 1 |" in table and "Dice points" in table
+    assert "training seeded with each run's seed, 0 augmentation worker(s)" in table
     assert (work / "dice_per_trainer.png").stat().st_size > 0 and (work / "summary.csv").is_file()
     assert first.stdout.count("done in") == 3
 

@@ -749,7 +749,10 @@ def write_report(settings: Settings, ctx: Context) -> Path | None:
             (f"- plans `{ctx.plans_identifier}`, schedule `{json.dumps(settings.hparams)}`"
              + (f", per trainer {json.dumps(settings.trainer_hparams)}" if settings.trainer_hparams else "")),
             (f"- {len(ctx.train)} training cases ({len(ctx.pool)} in the labeled pool), {len(ctx.val)} validation, "
-             f"{len(ctx.test)} test cases; test-time augmentation {'off' if settings.disable_tta else 'on'}"),
+             f"{len(ctx.test)} test cases; test-time augmentation {'off' if settings.disable_tta else 'on'}; "
+             + ("training seeded with each run's seed" if settings.seed_training else "training unseeded")
+             + ("" if settings.augmentation_workers is None else
+                f", {settings.augmentation_workers} augmentation worker(s)")),
             f"- device: {hardware}; written {time.strftime('%Y-%m-%d %H:%M')}",
             ("- cells: mean ± standard deviation over seeds of the test-set mean (NaN-skipping); HD95 and ASD in mm "
              "(an empty prediction or reference counts as the image diagonal); s/iteration: median epoch wall time "
