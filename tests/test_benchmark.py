@@ -4,6 +4,7 @@ tiny demo dataset that is resumed without repeating finished runs."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -92,7 +93,7 @@ def test_training_seeded_with_the_run_seed(raw_env):
     settings = _settings(raw_env, trainer_hparams={"MuSTTrainer": {"temperature": 0.5}})
     assert bm.hparams_for(settings, "MuSTTrainer", 4) == {**SHORT, "temperature": 0.5, "seed": 4}
     assert bm.hparams_for(settings, "SupervisedTrainer", 4) == {**SHORT, "seed": 4}
-    assert "seed" not in bm.hparams_for(bm.Settings(**{**vars(settings), "seed_training": False}), "MuSTTrainer", 4)
+    assert "seed" not in bm.hparams_for(dataclasses.replace(settings, seed_training=False), "MuSTTrainer", 4)
     _raw_dataset(raw_env)
     for bad in ({"hparams": {**SHORT, "seed": 1}}, {"trainer_hparams": {"MuSTTrainer": {"seed": 1}}}):
         with pytest.raises(bm.BenchmarkError, match="'seed' in --(trainer-)?hparams.*--no-seed-training"):

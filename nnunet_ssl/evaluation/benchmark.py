@@ -14,9 +14,10 @@ other training cases). With it, in one nnU-Net environment per (k, s):
 
 and per seed, without the file, the **upper bound**: ``SupervisedTrainer`` on every training case with its label.
 All use the same plans, configuration, fold-0 split (validation cases fixed), schedule (``--hparams``, passed as
-``nnUNet_ssl_hparams``; each training seeded with the run's seed) and ``checkpoint_final.pth``; each predicts ``imagesTs`` with ``nnUNetv2_predict`` and is
-evaluated against ``labelsTs``: nnU-Net's Dice, HD95 and ASD in mm (``surface.py``), and the expected calibration
-error (foreground ECE, ``calibration.py``) from the saved probabilities.
+``nnUNet_ssl_hparams``; each training seeded with the run's seed) and ``checkpoint_final.pth``; each predicts
+``imagesTs`` with ``nnUNetv2_predict`` and is evaluated against ``labelsTs``: nnU-Net's Dice, HD95 and ASD in mm
+(``surface.py``), and the expected calibration error (foreground ECE, ``calibration.py``) from the saved
+probabilities.
 
 Each (k, s) has its own ``nnUNet_preprocessed`` root (links to the shared preprocessed data, its own split and
 labeled-fraction file) and ``nnUNet_results`` root under ``--work-dir``, so runs never overwrite each other. A
@@ -198,11 +199,11 @@ def _check_hparams(settings: Settings, trainers: list[str]) -> None:
     from nnunet_ssl.training.hparams import HParamError, resolve_hparams
 
     classes = trainer_classes()
-    given = [f"--trainer-hparams {n}" for n, h in settings.trainer_hparams.items() if "seed" in h]
-    if "seed" in settings.hparams or given:
-        raise BenchmarkError(f"'seed' in {(['--hparams'] if 'seed' in settings.hparams else given)[0]}: the harness "
-                             "seeds each run's training with the run's seed (--seeds); remove it "
-                             "(--no-seed-training trains unseeded, as nnU-Net)")
+    seeded_by_hand = (["--hparams"] if "seed" in settings.hparams else []) + \
+        [f"--trainer-hparams {n}" for n, h in settings.trainer_hparams.items() if "seed" in h]
+    if seeded_by_hand:
+        raise BenchmarkError(f"'seed' in {seeded_by_hand[0]}: the harness seeds each run's training with the run's "
+                             "seed (--seeds); remove it (--no-seed-training trains unseeded, as nnU-Net)")
     for name in {BASELINE, *trainers}:
         try:
             resolve_hparams(classes[name].hparam_spec, name, hparams_for(settings, name))
