@@ -166,6 +166,15 @@ def test_summary_table_and_gap():
     # upper 0.9, lower 0.6: 30 points; MuST 0.75: +15 points, half the gap
     assert "30.0 Dice points" in gap and "MuSTTrainer: +15.0 Dice points" in gap and "50% of the gap" in gap
     assert "above it in 2 of 2 seed(s) (seeds 0, 1: +10.0, +20.0)" in gap
+    # gains 10 and 20 points: sd 7.07, standard error 5, t(0.975, 1 dof) = 12.706 -> 15 -+ 63.5
+    assert "+15.0 Dice points over the lower bound (95% confidence interval -48.5 to +78.5), 50% of the gap" in gap
+
+
+def test_gain_interval_is_students_t_over_the_seeds():
+    # mean 0.01, sd 0.03, standard error 0.03 / sqrt(3) = 0.01732; t(0.975, 2 dof) = 4.3027 -> half-width 0.07452
+    low, high = bm.gain_interval([0.01, -0.02, 0.04])
+    assert low == pytest.approx(0.01 - 0.074524, abs=1e-5) and high == pytest.approx(0.01 + 0.074524, abs=1e-5)
+    assert bm.gain_interval([0.05]) is None  # one seed: no interval
 
 
 def test_gain_paired_by_seed():
