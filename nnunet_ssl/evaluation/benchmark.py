@@ -656,11 +656,10 @@ def gain_interval(gains: list[float], level: float = 0.95) -> tuple[float, float
     the gains wide."""
     if len(gains) < 2:
         return None
-    from scipy.stats import t
+    from scipy import stats
 
-    half = float(t.ppf(0.5 + level / 2, len(gains) - 1) * np.std(gains, ddof=1) / np.sqrt(len(gains)))
-    mean = float(np.mean(gains))
-    return mean - half, mean + half
+    low, high = stats.t.interval(level, len(gains) - 1, loc=np.mean(gains), scale=stats.sem(gains))
+    return float(low), float(high)
 
 
 def gap_lines(summary: list[dict]) -> list[str]:
@@ -686,8 +685,8 @@ def gap_lines(summary: list[dict]) -> list[str]:
             gain, seed_gap = float(np.mean(list(gains.values()))), float(np.mean([gaps[s] for s in gains]))
             closed = f", {100 * gain / seed_gap:.0f}% of the gap closed" if abs(seed_gap) > 1e-9 else ""
             per_seed = ", ".join(f"{100 * g:+.1f}" for g in gains.values())
-            ci = gain_interval(list(gains.values()))
-            ci = f" (95% confidence interval {100 * ci[0]:+.1f} to {100 * ci[1]:+.1f})" if ci else ""
+            interval = gain_interval(list(gains.values()))
+            ci = f" (95% confidence interval {100 * interval[0]:+.1f} to {100 * interval[1]:+.1f})" if interval else ""
             lines.append(f"  - {r['method']}: {100 * gain:+.1f} Dice points over the lower bound{ci}{closed}; above "
                          f"it in {sum(g > 0 for g in gains.values())} of {len(gains)} seed(s) (seeds "
                          f"{', '.join(map(str, gains))}: {per_seed}).")
