@@ -214,6 +214,47 @@ def test_population_table():
     assert bm.population_table(results, {"t0": "x", "t1": "x"}, {"1": "gm", "2": "wm"}) == ""  # one population
 
 
+def test_report_from_the_run_files_with_the_environment(tmp_path):
+    """The report is built from the runs' metrics files and names the processor and package versions (a seeded CPU
+    run repeats its numbers only with the same ones); every file is written whole: no temporary file is left."""
+    from importlib.metadata import version
+
+    work = tmp_path / "work"
+    for r in (_result(bm.LOWER, "SupervisedTrainer", 2, 0, (0.5, 0.7), 4.0),
+              _result(bm.SSL, "MuSTTrainer", 2, 0, (0.7, 0.7), 3.0),
+              _result(bm.UPPER, "SupervisedTrainer", None, 0, (0.9, 0.9), 1.0)):
+        run = bm.Run(r["role"], r["trainer"], r["num_labeled"], r["seed"])
+        (work / "runs" / run.env_name).mkdir(parents=True, exist_ok=True)
+        (work / "runs" / run.env_name / f"metrics_{run.name}.json").write_text(json.dumps(r))
+    ctx = bm.Context(971, "Dataset971_Tiny", tmp_path, tmp_path, "nnUNetPlans", [], [], [], ["t0", "t1"], False,
+                     {"1": "gm", "2": "wm"})
+    report = bm.write_report(_settings(tmp_path), ctx)
+    text = report.read_text()
+    assert "| lower bound (SupervisedTrainer) | 2 | 1 | 0.500 |" in text
+    assert f"torch {version('torch')}, nnunetv2 {version('nnunetv2')}, numpy {version('numpy')}" in text
+    with open(work / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == 9  # 3 runs x 3 case-class rows
+    assert sorted(p.name for p in work.iterdir()) == ["benchmark.md", "dice_per_trainer.png", "results.csv", "runs",
+                                                      "summary.csv"]
+
+
+def test_replace_atomic_keeps_the_old_file_when_writing_fails(tmp_path):
+    from nnunet_ssl.data.unlabeled import replace_atomic
+
+    target = tmp_path / "benchmark.md"
+    target.write_text("old")
+
+    def fail(tmp: str) -> None:
+        Path(tmp).write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        replace_atomic(fail, target)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["benchmark.md"]
+    replace_atomic(lambda tmp: Path(tmp).write_text("new"), target)
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["benchmark.md"]
+
+
 def _weights(checkpoint: Path) -> dict:
     return torch.load(checkpoint, map_location="cpu", weights_only=False)["network_weights"]
 

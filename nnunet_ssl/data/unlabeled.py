@@ -170,18 +170,27 @@ def _plans_fingerprint(plans_manager: PlansManager, configuration_name: str, dat
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def write_json_atomic(obj, path: str | Path) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it over ``path``."""
+def replace_atomic(write: Callable[[str], None], path: str | Path) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it onto ``path``: readers (and a run
+    killed meanwhile) never see a half-written file, and concurrent writers never share a temporary name."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
+        write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+def write_text_atomic(text: str, path: str | Path) -> None:
+    replace_atomic(lambda tmp: Path(tmp).write_text(text), path)
+
+
+def write_json_atomic(obj, path: str | Path) -> None:
+    """Write JSON to a temporary file beside ``path`` and rename it over ``path``."""
+    write_text_atomic(json.dumps(obj, indent=2, sort_keys=True), path)
 
 
 def check_channel_geometry(case: str, image_files: list[str]) -> None:

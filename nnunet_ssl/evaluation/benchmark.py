@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from nnunet_ssl.data.labeled_fraction import FILENAME as LABELED_FRACTION_FILE
-from nnunet_ssl.data.unlabeled import write_json_atomic
+from nnunet_ssl.data.unlabeled import replace_atomic, write_json_atomic, write_text_atomic
 
 LOWER, UPPER, SSL = "lower bound", "upper bound", "semi-supervised"
 BASELINE = "SupervisedTrainer"
@@ -718,7 +718,7 @@ def plots(results: list[dict], summary: list[dict], out: Path) -> list[Path]:
         ax.set_title(f"{k} labeled" if k is not None else "")
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "dice_per_trainer.png", dpi=110)
+    replace_atomic(lambda tmp: fig.savefig(tmp, dpi=110, format="png"), out / "dice_per_trainer.png")
     plt.close(fig)
     written.append(out / "dice_per_trainer.png")
     if len(counts) > 1:
@@ -738,10 +738,28 @@ def plots(results: list[dict], summary: list[dict], out: Path) -> list[Path]:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(out / "dice_vs_labeled.png", dpi=110)
+        replace_atomic(lambda tmp: fig.savefig(tmp, dpi=110, format="png"), out / "dice_vs_labeled.png")
         plt.close(fig)
         written.append(out / "dice_vs_labeled.png")
     return written
+
+
+def environment(device: str) -> str:
+    """The processor and the packages that decide the floating-point results: a seeded CPU run repeats its numbers
+    only on the same processor model and package versions."""
+    import platform
+    from importlib.metadata import version
+
+    import torch
+
+    if device == "cuda":
+        processor = torch.cuda.get_device_name(0)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")] if cpuinfo.is_file() else []
+        processor = f"CPU ({os.cpu_count()} cores, {names[0] if names else platform.processor() or platform.machine()})"
+    return f"{processor}; " + ", ".join(f"{p} {version(p)}" for p in ("torch", "nnunetv2", "numpy"))
 
 
 def write_report(settings: Settings, ctx: Context) -> Path | None:
@@ -756,12 +774,7 @@ def write_report(settings: Settings, ctx: Context) -> Path | None:
     summary = summarise(results, ctx.class_names)
     _write_csv(out / "summary.csv", [{k: v for k, v in r.items() if not k.endswith("per seed")} for r in summary])
     figures = plots(results, summary, out)
-    import platform
-
-    import torch
-
-    hardware = torch.cuda.get_device_name(0) if settings.device == "cuda" else \
-        f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), torch {torch.__version__}"
+    hardware = environment(settings.device)
     text = [f"# Benchmark: {ctx.name}, {settings.configuration}", "",
             (f"- plans `{ctx.plans_identifier}`, schedule `{json.dumps(settings.hparams)}`"
              + (f", per trainer {json.dumps(settings.trainer_hparams)}" if settings.trainer_hparams else "")),
@@ -780,18 +793,19 @@ def write_report(settings: Settings, ctx: Context) -> Path | None:
         text += [("Per test population (the source anatomy of each test subject, from `cohort.json`): mean ± "
                   "standard deviation over seeds of the population's test-set mean."), "", by_population, ""]
     text += [*[f"![{f.stem}]({f.name})" for f in figures], ""]
-    (out / "benchmark.md").write_text("\n".join(text))
+    write_text_atomic("\n".join(text), out / "benchmark.md")
     return out / "benchmark.md"
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, keys)
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, keys)
+            w.writeheader()
+            w.writerows(rows)
+    replace_atomic(write, path)
 
 
 # ---------------------------------------------------------------------------------------------- entry point

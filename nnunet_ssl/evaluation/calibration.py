@@ -33,7 +33,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from nnunet_ssl.data.unlabeled import write_json_atomic
+from nnunet_ssl.data.unlabeled import replace_atomic, write_json_atomic
 
 N_BINS = 15
 JSON_NAME = "calibration.json"
@@ -326,15 +325,7 @@ def reliability_diagram(result: dict[str, Any], path: str | os.PathLike) -> None
             ax.set_ylabel("accuracy / mean confidence")
             ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    replace_atomic(lambda tmp: fig.savefig(tmp, dpi=100, format="png"), path)
 
 
 # ---------------------------------------------------------------- a trainer's final validation

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,6 +37,8 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetBaseDataset, nnUNetDatasetBlosc2
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+from nnunet_ssl.data.unlabeled import replace_atomic as _replace_atomic  # a module name tests patch
 
 SEG_SUFFIX = "_seg.b2nd"
 PROPERTIES_SUFFIX = ".pkl"
@@ -147,18 +148,6 @@ def class_locations(seg: np.ndarray, label_manager: LabelManager) -> dict:
 
 
 # ---------------------------------------------------------------- storage
-def _replace_atomic(write, path: Path) -> None:
-    """``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 class PseudoLabelStore:
     """A folder of pseudo-label maps at the preprocessed resolution. ``{case}.pkl`` is written last: a case counts
     as stored once both files exist (a run killed in between re-predicts that case)."""
