@@ -17,6 +17,7 @@ from nnunet_ssl.methods.mismatch.network import (
     MisMatchNetwork,
     mean_sigmoid_logits,
     mean_softmax_logits,
+    side_conv,
 )
 
 
@@ -183,4 +184,38 @@ def test_compiles_without_graph_breaks():
     net.eval()
     net.decoder.set_region_based(True)
     explained = torch._dynamo.explain(net)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+
+
+@pytest.mark.parametrize("dim,dilation", [(2, 5), (3, 5), (3, 1)])
+def test_side_convolutions_of_one_image_use_onednn_with_the_same_result_and_gradients(dim, dilation):
+    """A one-image, 4-channel input is below PyTorch's size threshold for oneDNN; ``side_conv`` uses it anyway."""
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    conv = (nn.Conv2d if dim == 2 else nn.Conv3d)(4, 4, 3, padding=dilation, dilation=dilation)
+    x = torch.randn(1, 4, *([20] * dim), requires_grad=True)
+    with profile() as prof:
+        fast = side_conv(conv, x)
+    kernels = {e.name for e in prof.events()}
+    assert "aten::mkldnn_convolution" in kernels and not any("slow_conv" in k for k in kernels)
+    grads_fast = torch.autograd.grad(fast.square().sum(), (x, conv.weight, conv.bias))
+    with profile() as prof:
+        plain = conv(x)
+    assert any("slow_conv" in e.name for e in prof.events())  # what the side branches ran on before
+    grads_plain = torch.autograd.grad(plain.square().sum(), (x, conv.weight, conv.bias))
+    assert torch.allclose(fast, plain, atol=1e-5)
+    for a, b in zip(grads_fast, grads_plain):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_one_image_prediction_compiles_without_graph_breaks_and_matches_the_batch():
+    net = make_net(dim=3).eval()
+    net.decoder.deep_supervision = False  # as nnU-Net's predictor runs it
+    x = torch.randn(2, 2, 16, 16, 16)
+    with torch.no_grad():
+        batch = net(x)
+        single = torch.cat([net(x[i:i + 1]) for i in range(2)])  # the CPU fast path of the side branches
+    assert torch.allclose(single, batch, atol=1e-4)
+    explained = torch._dynamo.explain(net)(x[:1])
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)
