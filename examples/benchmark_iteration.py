@@ -199,6 +199,8 @@ def sliding_window_seconds(trainer, case: torch.Tensor) -> float:
     """nnU-Net's sliding-window prediction of ``case`` with the trainer's network, as nnUNetv2_predict runs it."""
     from nnunet_ssl.training.pseudo_labels import inference_mode, make_predictor
 
+    if trainer.inference_allowed_mirroring_axes is None:  # set by on_train_start, which is not run here
+        trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
     with inference_mode(trainer) as network:
         predictor = make_predictor(trainer, network, use_mirroring=True)
         _sync(trainer.device)
