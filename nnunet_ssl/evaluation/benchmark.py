@@ -50,8 +50,8 @@ SCHEDULE_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_p
 
 PROFILES: dict[str, dict] = {
     # on 2 idle CPU cores 2-6 minutes per run: about 40 minutes per seed with every trainer (docs/benchmarks.md)
-    "cpu": {"configuration": "2d", "batch_size": 8, "device": "cpu", "seeds": [0, 1, 2], "num_labeled": [3],
-            "disable_tta": True, "augmentation_workers": 0,
+    "cpu": {"configuration": "2d", "batch_size": 8, "feature_scale": 0.5, "device": "cpu", "seeds": [0, 1, 2],
+            "num_labeled": [3], "disable_tta": True, "augmentation_workers": 0,
             "hparams": {"num_epochs": 12, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 4,
                         "save_every": 4}},
     # 3d_fullres on one GPU, long enough for the losses to flatten on the cohort (2 mm voxels, see the docs)
@@ -73,6 +73,7 @@ class Settings:
     configuration: str = "3d_fullres"
     plans: str = "nnUNetPlans"
     batch_size: int | None = None
+    feature_scale: float | None = None  # network width: every stage's feature count times this
     device: str = "cuda"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     num_labeled: list[int] = field(default_factory=list)
@@ -90,8 +91,9 @@ class Settings:
     def fingerprint(self) -> dict:
         """What must not change between calls on the same work folder (seeds, counts and trainers may grow)."""
         return {"dataset": self.dataset, "configuration": self.configuration, "plans": self.plans,
-                "batch_size": self.batch_size, "hparams": self.hparams, "trainer_hparams": self.trainer_hparams,
-                "disable_tta": self.disable_tta, "seed_training": self.seed_training}
+                "batch_size": self.batch_size, "feature_scale": self.feature_scale, "hparams": self.hparams,
+                "trainer_hparams": self.trainer_hparams, "disable_tta": self.disable_tta,
+                "seed_training": self.seed_training}
 
 
 @dataclass
@@ -216,13 +218,15 @@ def _check_hparams(settings: Settings, trainers: list[str]) -> None:
 
 def hparams_for(settings: Settings, trainer: str, seed: int | None = None) -> dict:
     """The common schedule plus the trainer's own values (the baseline gets only keys it knows) and, with
-    ``settings.seed_training``, the run's ``seed``."""
+    ``settings.seed_training``, the run's ``seed``; with ``settings.disable_tta`` the final validation predicts
+    unmirrored too, as the test set is."""
     from nnunet_ssl.trainers import TRAINERS
 
     spec = TRAINERS[trainer].hparam_spec
     common = {k: v for k, v in settings.hparams.items() if k in spec or trainer != BASELINE}
     seeded = {"seed": seed} if settings.seed_training and seed is not None else {}
-    return {**common, **settings.trainer_hparams.get(trainer, {}), **seeded}
+    unmirrored = {"final_validation_mirroring": False} if settings.disable_tta else {}
+    return {**unmirrored, **common, **settings.trainer_hparams.get(trainer, {}), **seeded}
 
 
 def prepare(settings: Settings, log=print) -> tuple[Context, list[Run]]:
@@ -268,6 +272,8 @@ def prepare(settings: Settings, log=print) -> tuple[Context, list[Run]]:
     _check_hparams(settings, trainers)
     if settings.augmentation_workers is not None and settings.augmentation_workers < 0:
         raise BenchmarkError(f"--augmentation-workers {settings.augmentation_workers}: give 0 or more")
+    if settings.feature_scale is not None and not settings.feature_scale > 0:
+        raise BenchmarkError(f"--feature-scale {settings.feature_scale}: give a number above 0 (1: the planned width)")
 
     cohort_file = raw / "cohort.json"
     cohort = json.loads(cohort_file.read_text()) if cohort_file.is_file() else {}
@@ -327,18 +333,25 @@ def _ensure_preprocessed(settings: Settings, name: str, pp: Path, n_cases: int, 
         log(f"preprocessing {name} {settings.configuration} ...")
         _run_cmd(["nnUNetv2_preprocess", "-d", dataset_id, "-plans_name", settings.plans, "-c",
                   settings.configuration, "-np", n], _env(), settings.work_dir / "logs" / "preprocess.log")
-    if settings.batch_size is None:
+    if settings.batch_size is None and settings.feature_scale is None:
         return settings.plans
-    # same plans with another batch size: a new plans identifier sharing the preprocessed data (data_identifier)
-    identifier = f"{settings.plans}_bs{settings.batch_size}"
+    # same plans with another batch size or network width: a new plans identifier sharing the preprocessed data
+    # (data_identifier)
+    identifier = settings.plans + (f"_bs{settings.batch_size}" if settings.batch_size is not None else "") + \
+        (f"_width{settings.feature_scale:g}" if settings.feature_scale is not None else "")
     plans["plans_name"] = identifier
     cfg = plans["configurations"][settings.configuration]
     if "inherits_from" in cfg:
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager as PM
-
-        resolved = PM(plans).get_configuration(settings.configuration).configuration
+        resolved = PlansManager(plans).get_configuration(settings.configuration).configuration
         cfg = plans["configurations"][settings.configuration] = {k: v for k, v in resolved.items()}
-    cfg["batch_size"] = settings.batch_size
+    if settings.batch_size is not None:
+        cfg["batch_size"] = settings.batch_size
+    if settings.feature_scale is not None:
+        arch = cfg["architecture"]["arch_kwargs"]
+        if "features_per_stage" not in arch:
+            raise BenchmarkError(f"--feature-scale: the {settings.configuration} architecture of {plans_file} has "
+                                 f"no features_per_stage to scale")
+        arch["features_per_stage"] = [max(1, round(f * settings.feature_scale)) for f in arch["features_per_stage"]]
     write_json_atomic(plans, pp / f"{identifier}.json")
     return identifier
 
@@ -864,6 +877,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-p", dest="plans", default="nnUNetPlans", help="plans identifier")
     p.add_argument("--batch-size", type=int, default=None, help="use the plans with this batch size (written as "
                                                                 "plans '<plans>_bs<N>', same preprocessed data)")
+    p.add_argument("--feature-scale", type=float, default=None,
+                   help="use the plans with every stage's feature count times this (written as plans "
+                        "'<plans>[_bs<N>]_width<F>', same preprocessed data); the cpu profile's 0.5 halves the width")
     p.add_argument("--num-labeled", type=int, nargs="+", default=None, help="labeled case count(s)")
     p.add_argument("--fraction", type=float, nargs="+", default=None, help="labeled fraction(s) of the pool")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
@@ -909,6 +925,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         dataset=args.d, work_dir=args.work_dir.resolve(), configuration=pick(args.configuration, "configuration",
                                                                               "3d_fullres"),
         plans=args.plans, batch_size=pick(args.batch_size, "batch_size", None),
+        feature_scale=pick(args.feature_scale, "feature_scale", None),
         device=pick(args.device, "device", "cuda" if torch.cuda.is_available() else "cpu"),
         seeds=pick(args.seeds, "seeds", [0, 1, 2]), num_labeled=num_labeled or [], fractions=args.fraction or [],
         trainers=args.trainers, bounds=not args.no_bounds, hparams=pick(args.hparams, "hparams", {}),

@@ -37,6 +37,8 @@ class HParam:
     high_exclusive: bool = False  # the upper bound itself is not accepted: [low, high)
     # the value that reproduces checkpoints written before this setting existed, if not the default
     legacy: Any = _NO_LEGACY
+    # False: training never reads it (e.g. how the final validation predicts), so a resumed training may change it
+    affects_training: bool = True
 
     def requirement(self) -> str:
         if self.choices is not None:

@@ -60,6 +60,10 @@ SCHEDULE_HPARAMS: dict[str, HParam] = {
                               "patch sampling, augmentation, dropout), offset by the DDP rank. With "
                               "nnUNet_n_proc_DA=0 on the CPU two runs give identical losses; augmentation workers "
                               "are not seeded. null: unseeded, as nnU-Net.", low=0, optional=True),
+    "final_validation_mirroring": HParam(True, bool, "Mirror the validation cases in nnU-Net's final validation "
+                                                     "(test-time augmentation, which nnU-Net always uses there); false: "
+                                                     "unmirrored, like nnUNetv2_predict --disable_tta.", legacy=True,
+                                        affects_training=False),
     "max_nonfinite_steps": HParam(10, int, "Stop training when this many iterations in a row have a non-finite loss "
                                            "or gradient (each is skipped: no parameter or teacher update).", low=1),
 }
@@ -293,6 +297,8 @@ class SupervisedTrainer(nnUNetTrainer):
                                    f"trainer); method state starts fresh.")
             return
         saved = with_legacy_values(self.hparam_spec, state["hparams"])
+        if self.hparams_from_env:  # settings that training never reads: the value set now
+            saved.update({k: v for k, v in self.hparams.items() if not self.hparam_spec[k].affects_training})
         if saved != self.hparams:
             if self.hparams_from_env:
                 diff = {k: (saved.get(k), self.hparams.get(k)) for k in set(saved) | set(self.hparams)
@@ -313,7 +319,14 @@ class SupervisedTrainer(nnUNetTrainer):
         folder = join(self.output_folder, "validation")
         _, val_keys = self.do_split()
         created = [k for k in val_keys if not isfile(join(folder, f"{k}.npz"))]
-        super().perform_actual_validation(True)
+        axes = self.inference_allowed_mirroring_axes
+        if not self.hparams["final_validation_mirroring"]:
+            # nnU-Net's predictor mirrors along these axes; the checkpoints keep them for nnUNetv2_predict
+            self.inference_allowed_mirroring_axes = None
+        try:
+            super().perform_actual_validation(True)
+        finally:
+            self.inference_allowed_mirroring_axes = axes
         if self.local_rank == 0 and val_keys:
             result = validation_calibration(folder, join(self.preprocessed_dataset_folder_base, "gt_segmentations"),
                                             self.dataset_json, self.plans_manager.plans, val_keys,
