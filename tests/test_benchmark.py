@@ -87,13 +87,19 @@ def test_unknown_trainer_and_bad_hparams(raw_env):
         bm.prepare(_settings(raw_env, trainer_hparams={"MuSTTrainer": {"temperature": -1}}), log=lambda _: None)
     with pytest.raises(bm.BenchmarkError, match="--augmentation-workers -1"):
         bm.prepare(_settings(raw_env, augmentation_workers=-1), log=lambda _: None)
+    with pytest.raises(bm.BenchmarkError, match="--feature-scale 0: give a number above 0"):
+        bm.prepare(_settings(raw_env, feature_scale=0), log=lambda _: None)
 
 
 def test_training_seeded_with_the_run_seed(raw_env):
     settings = _settings(raw_env, trainer_hparams={"MuSTTrainer": {"temperature": 0.5}})
-    assert bm.hparams_for(settings, "MuSTTrainer", 4) == {**SHORT, "temperature": 0.5, "seed": 4}
-    assert bm.hparams_for(settings, "SupervisedTrainer", 4) == {**SHORT, "seed": 4}
+    # the test set is predicted unmirrored (--disable-tta), and so is the final validation
+    unmirrored = {"final_validation_mirroring": False}
+    assert bm.hparams_for(settings, "MuSTTrainer", 4) == {**SHORT, **unmirrored, "temperature": 0.5, "seed": 4}
+    assert bm.hparams_for(settings, "SupervisedTrainer", 4) == {**SHORT, **unmirrored, "seed": 4}
     assert "seed" not in bm.hparams_for(dataclasses.replace(settings, seed_training=False), "MuSTTrainer", 4)
+    assert bm.hparams_for(dataclasses.replace(settings, disable_tta=False), "SupervisedTrainer", 4) == \
+        {**SHORT, "seed": 4}
     _raw_dataset(raw_env)
     for bad in ({"hparams": {**SHORT, "seed": 1}}, {"trainer_hparams": {"MuSTTrainer": {"seed": 1}}}):
         with pytest.raises(bm.BenchmarkError, match="'seed' in --(trainer-)?hparams.*--no-seed-training"):
@@ -265,7 +271,8 @@ def test_benchmark_runs_and_resumes(demo, tmp_path):
     cmd = [str(Path(sys.executable).parent / "nnunet_ssl"), "benchmark", "-d", str(demo.dataset_id), "--work-dir",
            str(work), "-c", "3d_fullres", "--num-labeled", "2", "--seeds", "0", "--trainers", "MuSTTrainer",
            "--hparams", json.dumps(SHORT), "--device", "cpu", "--disable-tta", "-np", "1",
-           "--augmentation-workers", "0"]  # with the run's seed, training is repeatable on the CPU
+           "--augmentation-workers", "0",  # with the run's seed, training is repeatable on the CPU
+           "--feature-scale", "0.5"]  # every run on the plans with half the planned width
     first = demo.run(*cmd)
     runs = work / "runs"
     assert sorted(p.name for p in runs.iterdir()) == ["all_seed0", "n2_seed0"]
@@ -277,6 +284,12 @@ def test_benchmark_runs_and_resumes(demo, tmp_path):
     assert not (runs / "all_seed0" / "nnUNet_preprocessed" / demo.name / "ssl_unlabeled_cases.json").exists()
     lower_log = next((runs / "n2_seed0" / "nnUNet_results").rglob("SupervisedTrainer*/fold_0/training_log_*.txt"))
     assert "2 labeled training case(s) remain" in lower_log.read_text()
+    assert lower_log.parent.parent.name == "SupervisedTrainer__nnUNetPlans_width0.5__3d_fullres"
+    planned = json.loads((demo.pp / "nnUNetPlans.json").read_text())["configurations"]["3d_fullres"]
+    trained = json.loads((lower_log.parent.parent / "plans.json").read_text())["configurations"]["3d_fullres"]
+    assert [2 * f for f in trained["architecture"]["arch_kwargs"]["features_per_stage"]] == \
+        planned["architecture"]["arch_kwargs"]["features_per_stage"]
+    assert trained["batch_size"] == planned["batch_size"]
     metrics = sorted(runs.glob("*/metrics_*.json"))
     assert [p.name for p in metrics] == ["metrics_upper_SupervisedTrainer.json", "metrics_MuSTTrainer.json",
                                          "metrics_lower_SupervisedTrainer.json"]
@@ -285,7 +298,7 @@ def test_benchmark_runs_and_resumes(demo, tmp_path):
         assert len(r["cases"]) == 2 * 2  # 2 test cases x 2 classes
         assert all(0 <= c["Dice"] <= 1 and c["HD95"] >= 0 for c in r["cases"] if np.isfinite(c["Dice"]))
         assert r["training"]["seconds_per_iteration"] > 0 and r["training"]["peak_rss_mib"] > 0
-        assert r["hparams"] == {**SHORT, "seed": 0}
+        assert r["hparams"] == {**SHORT, "final_validation_mirroring": False, "seed": 0}
     with open(work / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 * 4 and {r["method"] for r in rows} == {

@@ -78,9 +78,54 @@ def test_checkpoint_without_a_later_setting_resumes_as_trained(demo, monkeypatch
     torch.save(state, ckpt)
 
     resumed = make_trainer(demo, "MuSTTrainer", monkeypatch, tmp_path / "b")
-    assert resumed.hparams["scale_reduction"] == "mean"
-    resumed.hparams_from_env = False  # as with nnUNet_ssl_hparams unset: the checkpoint's values apply
+    assert resumed.hparams["scale_reduction"] == "mean" and "scale_reduction" not in resumed.hparams_set
     resumed.initialize()
     resumed.load_checkpoint(str(ckpt))
     assert resumed.hparams["scale_reduction"] == "sum"
     assert with_legacy_values(MUST_HPARAMS, {"scale_reduction": "mean"}) == {"scale_reduction": "mean"}
+
+
+def test_final_validation_mirroring_may_change_on_resume_and_turns_mirroring_off(demo, monkeypatch, tmp_path):
+    """``final_validation_mirroring`` is read only by the final validation: ``--c`` with another value resumes (a
+    training setting that differs is still refused), and false hands nnU-Net's validation no mirroring axes while
+    the trainer keeps them for its checkpoints (nnUNetv2_predict mirrors along them)."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from nnunet_ssl.training import supervised
+    from nnunet_ssl.training.supervised import SupervisedTrainer
+
+    trainer = make_trainer(demo, "SupervisedTrainer", monkeypatch, tmp_path / "a")
+    assert trainer.hparams["final_validation_mirroring"] is True
+    trainer.initialize()
+    ckpt = tmp_path / "latest.pth"
+    trainer.save_checkpoint(str(ckpt))
+
+    resumed = make_trainer(demo, "SupervisedTrainer", monkeypatch, tmp_path / "b",
+                           {"final_validation_mirroring": False})
+    resumed.initialize()
+    resumed.load_checkpoint(str(ckpt))
+    assert resumed.hparams["final_validation_mirroring"] is False
+    other = make_trainer(demo, "SupervisedTrainer", monkeypatch, tmp_path / "c",
+                         {"final_validation_mirroring": False, "num_epochs": 7})
+    other.initialize()
+    with pytest.raises(HParamError, match=r"'num_epochs': \(1, 7\)"):
+        other.load_checkpoint(str(ckpt))
+    # a name left out of nnUNet_ssl_hparams takes the checkpoint's value (--val with only this setting)
+    monkeypatch.setenv(ENV_VAR, json.dumps({"final_validation_mirroring": False}))
+    plans = {**json.loads((demo.pp / "nnUNetPlans.json").read_text()), "continue_training": False}
+    only = SupervisedTrainer(plans, "2d", 0, trainer.dataset_json, torch.device("cpu"))
+    assert only.num_epochs == 1000
+    only.initialize()
+    only.load_checkpoint(str(ckpt))
+    assert only.hparams == {**trainer.hparams, "final_validation_mirroring": False} and only.num_epochs == 1
+
+    seen = []
+    monkeypatch.setattr(nnUNetTrainer, "perform_actual_validation",
+                        lambda self, save_probabilities=False: seen.append(self.inference_allowed_mirroring_axes))
+    monkeypatch.setattr(supervised, "validation_calibration", lambda *a, **k: {
+        "pooled": {"foreground": {"ECE": 0.0}, "all": {"ECE": 0.0}}})
+    for t in (trainer, resumed):
+        t.inference_allowed_mirroring_axes = (0, 1)
+        t.perform_actual_validation()
+        assert t.inference_allowed_mirroring_axes == (0, 1)
+    assert seen == [(0, 1), None]

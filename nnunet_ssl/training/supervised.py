@@ -62,7 +62,7 @@ SCHEDULE_HPARAMS: dict[str, HParam] = {
                               "are not seeded. null: unseeded, as nnU-Net.", low=0, optional=True),
     "final_validation_mirroring": HParam(True, bool, "Mirror the validation cases in nnU-Net's final validation "
                                                      "(test-time augmentation, which nnU-Net always uses there); false: "
-                                                     "unmirrored, like nnUNetv2_predict --disable_tta.", legacy=True,
+                                                     "unmirrored, like nnUNetv2_predict --disable_tta.",
                                         affects_training=False),
     "max_nonfinite_steps": HParam(10, int, "Stop training when this many iterations in a row have a non-finite loss "
                                            "or gradient (each is skipped: no parameter or teacher update).", low=1),
@@ -80,7 +80,7 @@ class SupervisedTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = CUDA):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.hparams_from_env = bool(read_overrides())
+        self.hparams_set = set(read_overrides())  # the names nnUNet_ssl_hparams sets
         self.hparams: dict[str, Any] = resolve_hparams(self.hparam_spec, type(self).__name__)
         self._apply_hparams()
         self.logger.local_logger = SSLLocalLogger(self.extra_log_keys)
@@ -296,19 +296,18 @@ class SupervisedTrainer(nnUNetTrainer):
             self.print_to_log_file(f"{filename_or_checkpoint} has no nnunet_ssl state (not written by an nnunet_ssl "
                                    f"trainer); method state starts fresh.")
             return
-        saved = with_legacy_values(self.hparam_spec, state["hparams"])
-        if self.hparams_from_env:  # settings that training never reads: the value set now
-            saved.update({k: v for k, v in self.hparams.items() if not self.hparam_spec[k].affects_training})
-        if saved != self.hparams:
-            if self.hparams_from_env:
-                diff = {k: (saved.get(k), self.hparams.get(k)) for k in set(saved) | set(self.hparams)
-                        if saved.get(k) != self.hparams.get(k)}
-                raise HParamError(
-                    f"{filename_or_checkpoint} was trained with other hyper-parameters than {ENV_VAR} sets now "
-                    f"(name: (checkpoint, now)): {diff}. To resume exactly, set {ENV_VAR} to the checkpoint's values "
-                    f"or unset it (the checkpoint's values are then used); to change them, start a new training.")
-            self.hparams = resolve_hparams(self.hparam_spec, type(self).__name__, saved)
-            self._apply_hparams()
+        saved = resolve_hparams(self.hparam_spec, type(self).__name__,
+                                with_legacy_values(self.hparam_spec, state["hparams"]))
+        # a value set now must equal the checkpoint's if training reads it; what is not set is the checkpoint's
+        diff = {k: (saved[k], self.hparams[k]) for k in self.hparams_set
+                if self.hparam_spec[k].affects_training and saved[k] != self.hparams[k]}
+        if diff:
+            raise HParamError(
+                f"{filename_or_checkpoint} was trained with other hyper-parameters than {ENV_VAR} sets now "
+                f"(name: (checkpoint, now)): {diff}. To resume exactly, set {ENV_VAR} to the checkpoint's values "
+                f"or leave them out (the checkpoint's values are then used); to change them, start a new training.")
+        self.hparams = {**saved, **{k: self.hparams[k] for k in self.hparams_set}}
+        self._apply_hparams()
         self.load_extra_checkpoint_state(state)
 
     # ---------------------------------------------------------------- final validation
