@@ -167,7 +167,12 @@ def test_summary_table_and_gap():
     assert lower["HD95 wm"] == pytest.approx(5.0)
     table = bm.markdown_table(summary, {"1": "gm", "2": "wm"})
     assert "| lower bound (SupervisedTrainer) | 2 | 2 | 0.550 ± 0.071 |" in table
-    assert "| upper bound (SupervisedTrainer) | all | 2 |" in table
+    assert "| upper bound (SupervisedTrainer) | all | 2 |" in table and "ECE" not in table  # no probabilities
+    # the ECE is the case's foreground ECE, repeated in every class row: one column, not one per class
+    with_ece = [{**r, "cases": [{**c, "ECE": 0.1 * (1 + r["seed"])} for c in r["cases"]]} for r in results]
+    head = bm.markdown_table(bm.summarise(with_ece, {"1": "gm", "2": "wm"}), {"1": "gm", "2": "wm"}).split("\n")
+    assert head[0].count("ECE") == 1 and "| ECE foreground | s/iteration |" in head[0]
+    assert head[2].endswith("| 0.150 ± 0.071 | 0.500 | 100 |")
     gap = "\n".join(bm.gap_lines(summary))
     # upper 0.9, lower 0.6: 30 points; MuST 0.75: +15 points, half the gap
     assert "30.0 Dice points" in gap and "MuSTTrainer: +15.0 Dice points" in gap and "50% of the gap" in gap

@@ -621,15 +621,20 @@ def _fmt(mean, std, digits) -> str:
 def markdown_table(summary: list[dict], class_names: dict[str, str]) -> str:
     names = [*class_names.values(), "mean"]
     metrics = [m for m in METRICS if any(f"{m} mean" in r for r in summary)]
-    head = ["method", "labeled", "seeds"] + [f"{m} {n}" for m in metrics for n in names] + ["s/iteration",
-                                                                                              "peak memory MiB"]
+
+    def columns(m: str) -> list[str]:  # the ECE is the case's foreground ECE, the same in every class row
+        return ["mean"] if m == "ECE" else names
+
+    head = ["method", "labeled", "seeds"] + [
+        "ECE foreground" if m == "ECE" else f"{m} {n}" for m in metrics for n in columns(m)] + [
+        "s/iteration", "peak memory MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary:
         mem = r.get("peak_cuda_mib") or r.get("peak_rss_mib")
         cells = [r["method"], "all" if r["num_labeled"] is None else str(r["num_labeled"]), str(len(r["seeds"]))]
         for m in metrics:
             digits = 3 if m in ("Dice", "ECE") else 2
-            cells += [_fmt(r.get(f"{m} {n}"), r.get(f"{m} {n} std"), digits) for n in names]
+            cells += [_fmt(r.get(f"{m} {n}"), r.get(f"{m} {n} std"), digits) for n in columns(m)]
         cells += [_fmt(r.get("seconds_per_iteration"), None, 3), _fmt(mem, None, 0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
