@@ -49,7 +49,8 @@ BASELINE = "SupervisedTrainer"
 SCHEDULE_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "save_every")
 
 PROFILES: dict[str, dict] = {
-    # on 2 idle CPU cores 2-6 minutes per run: about 40 minutes per seed with every trainer (docs/benchmarks.md)
+    # 2d plans at half the planned width: on 2 idle CPU cores 1.5-3.5 minutes per run, about 25 minutes per seed
+    # with every trainer (docs/benchmarks.md)
     "cpu": {"configuration": "2d", "batch_size": 8, "feature_scale": 0.5, "device": "cpu", "seeds": [0, 1, 2],
             "num_labeled": [3], "disable_tta": True, "augmentation_workers": 0,
             "hparams": {"num_epochs": 12, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 4,
