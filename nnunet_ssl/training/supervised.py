@@ -80,8 +80,9 @@ class SupervisedTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = CUDA):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.hparams_set = set(read_overrides())  # the names nnUNet_ssl_hparams sets
-        self.hparams: dict[str, Any] = resolve_hparams(self.hparam_spec, type(self).__name__)
+        overrides = read_overrides()  # once: nnUNet_ssl_hparams may name a JSON file
+        self.hparams_set = set(overrides)  # the names it sets
+        self.hparams: dict[str, Any] = resolve_hparams(self.hparam_spec, type(self).__name__, overrides)
         self._apply_hparams()
         self.logger.local_logger = SSLLocalLogger(self.extra_log_keys)
         self.declared_unlabeled: list[str] = []
