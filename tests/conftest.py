@@ -45,6 +45,10 @@ class Env:
             "nnUNet_def_n_proc": "2",
             "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "2"),
             "nnUNet_compile": "false",
+            # nnUNetv2_predict in the calling process (nnU-Net's sequential mode): its default worker processes
+            # cost about 14 s of start-up per call on 2 cores; test_end_to_end keeps them
+            "nnUNet_npp": "0",
+            "nnUNet_nps": "0",
         }
 
     @property

@@ -87,6 +87,8 @@ def test_unknown_trainer_and_bad_hparams(raw_env):
         bm.prepare(_settings(raw_env, trainer_hparams={"MuSTTrainer": {"temperature": -1}}), log=lambda _: None)
     with pytest.raises(bm.BenchmarkError, match="--augmentation-workers -1"):
         bm.prepare(_settings(raw_env, augmentation_workers=-1), log=lambda _: None)
+    with pytest.raises(bm.BenchmarkError, match="--prediction-workers -2: give 0 or more"):
+        bm.prepare(_settings(raw_env, prediction_workers=-2), log=lambda _: None)
     with pytest.raises(bm.BenchmarkError, match="--feature-scale 0: give a number above 0"):
         bm.prepare(_settings(raw_env, feature_scale=0), log=lambda _: None)
 
@@ -275,7 +277,7 @@ def test_benchmark_runs_and_resumes(demo, tmp_path):
     work = tmp_path / "work"
     cmd = [str(Path(sys.executable).parent / "nnunet_ssl"), "benchmark", "-d", str(demo.dataset_id), "--work-dir",
            str(work), "-c", "3d_fullres", "--num-labeled", "2", "--seeds", "0", "--trainers", "MuSTTrainer",
-           "--hparams", json.dumps(SHORT), "--device", "cpu", "--disable-tta", "-np", "1",
+           "--hparams", json.dumps(SHORT), "--device", "cpu", "--disable-tta", "-np", "1", "--prediction-workers", "0",
            "--augmentation-workers", "0",  # with the run's seed, training is repeatable on the CPU
            "--feature-scale", "0.5"]  # every run on the plans with half the planned width
     first = demo.run(*cmd)
@@ -313,6 +315,8 @@ def test_benchmark_runs_and_resumes(demo, tmp_path):
     assert "training seeded with each run's seed, 0 augmentation worker(s)" in table
     assert (work / "dice_per_trainer.png").stat().st_size > 0 and (work / "summary.csv").is_file()
     assert first.stdout.count("done in") == 3
+    predict_logs = sorted(runs.glob("*/logs/predict_*.log"))
+    assert len(predict_logs) == 3 and all("non-multiprocessing mode" in p.read_text() for p in predict_logs)
 
     # resume: nothing finished is repeated; a run that lost only its evaluation is predicted and evaluated again,
     # without training; a run that lost its training is trained again, seeded as before, with the same result

@@ -37,7 +37,7 @@ def ddp_runs(demo, tmp_path_factory):
                      for t in TRAINERS]}
     (root / "spec.json").write_text(json.dumps(spec))
     env.run(sys.executable, str(REPO / "tests" / "ddp_cpu.py"), str(root / "spec.json"),
-            extra_env={"nnUNet_n_proc_DA": "0"})
+            extra_env={"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1"})
     return env, out
 
 

@@ -64,7 +64,8 @@ def test_train_interrupt_resume_predict_evaluate(demo, tmp_path):
 
     pred = tmp_path / "pred"
     demo.run("nnUNetv2_predict", "-i", str(demo.raw / "imagesTs"), "-o", str(pred), "-d", str(demo.dataset_id),
-             "-c", "3d_fullres", "-tr", "MuSTTrainer", "-f", "0", "-device", "cpu", "--disable_tta")
+             "-c", "3d_fullres", "-tr", "MuSTTrainer", "-f", "0", "-device", "cpu", "--disable_tta",
+             "-npp", "3", "-nps", "3")  # nnU-Net's default worker processes (the other tests predict without)
     predicted = sorted(p.name for p in pred.glob("*.nii.gz"))
     assert predicted == sorted(p.name for p in (demo.raw / "labelsTs").iterdir())
     demo.run("nnUNetv2_evaluate_folder", str(demo.raw / "labelsTs"), str(pred), "-djfile",

@@ -52,7 +52,7 @@ PROFILES: dict[str, dict] = {
     # 2d plans at half the planned width: on 2 idle CPU cores 1.5-3.5 minutes per run, about 25 minutes per seed
     # with every trainer (docs/benchmarks.md)
     "cpu": {"configuration": "2d", "batch_size": 8, "feature_scale": 0.5, "device": "cpu", "seeds": [0, 1, 2],
-            "num_labeled": [3], "disable_tta": True, "augmentation_workers": 0,
+            "num_labeled": [3], "disable_tta": True, "augmentation_workers": 0, "prediction_workers": 0,
             "hparams": {"num_epochs": 12, "num_iterations_per_epoch": 25, "num_val_iterations_per_epoch": 4,
                         "save_every": 4}},
     # 3d_fullres on one GPU, long enough for the losses to flatten on the cohort (2 mm voxels, see the docs)
@@ -88,6 +88,14 @@ class Settings:
     augmentation_workers: int | None = None  # nnUNet_n_proc_DA for training; None: the environment's
     save_probabilities: bool = True
     num_processes: int = int(os.environ.get("nnUNet_def_n_proc", "2"))
+    # nnUNetv2_predict's -npp/-nps and the evaluation's processes; 0: all in the calling process (nnU-Net's
+    # sequential prediction), quicker on a few CPU cores, where worker start-up outweighs the overlap;
+    # None: num_processes. The predictions are the same either way.
+    prediction_workers: int | None = None
+
+    @property
+    def prediction_processes(self) -> int:
+        return self.num_processes if self.prediction_workers is None else self.prediction_workers
 
     def fingerprint(self) -> dict:
         """What must not change between calls on the same work folder (seeds, counts and trainers may grow)."""
@@ -273,6 +281,8 @@ def prepare(settings: Settings, log=print) -> tuple[Context, list[Run]]:
     _check_hparams(settings, trainers)
     if settings.augmentation_workers is not None and settings.augmentation_workers < 0:
         raise BenchmarkError(f"--augmentation-workers {settings.augmentation_workers}: give 0 or more")
+    if settings.prediction_workers is not None and settings.prediction_workers < 0:
+        raise BenchmarkError(f"--prediction-workers {settings.prediction_workers}: give 0 or more")
     if settings.feature_scale is not None and not settings.feature_scale > 0:
         raise BenchmarkError(f"--feature-scale {settings.feature_scale}: give a number above 0 (1: the planned width)")
 
@@ -462,8 +472,8 @@ def _execute(settings: Settings, ctx: Context, run: Run, out: Path, log) -> bool
     log(f"[{run.env_name}] predicting the test set with {run.method} ...")
     cmd = ["nnUNetv2_predict", "-i", str(ctx.raw / "imagesTs"), "-o", str(pred), "-d", str(ctx.dataset_id),
            "-c", settings.configuration, "-p", ctx.plans_identifier, "-tr", run.trainer, "-f", "0",
-           "-chk", "checkpoint_final.pth", "-device", settings.device, "-npp", str(settings.num_processes),
-           "-nps", str(settings.num_processes), "--continue_prediction"]
+           "-chk", "checkpoint_final.pth", "-device", settings.device, "-npp", str(settings.prediction_processes),
+           "-nps", str(settings.prediction_processes), "--continue_prediction"]
     if settings.disable_tta:
         cmd.append("--disable_tta")
     if settings.save_probabilities:
@@ -471,7 +481,7 @@ def _execute(settings: Settings, ctx: Context, run: Run, out: Path, log) -> bool
     _run_cmd(cmd, env, logs / f"predict_{run.name}.log")
     log(f"[{run.env_name}] evaluating {run.method} ...")
     cases = evaluate_folder(pred, ctx.raw / "labelsTs", ctx.test, ctx.raw / "dataset.json",
-                            fold.parent / "plans.json", settings.num_processes)  # nnU-Net keeps it beside the folds
+                            fold.parent / "plans.json", settings.prediction_processes)  # plans: beside the folds
     result = {"role": run.role, "trainer": run.trainer, "method": run.method, "num_labeled": run.num_labeled,
               "seed": run.seed, "hparams": hparams, "cases": cases, "training": training_cost(root, run, fold)}
     if run.role != UPPER:
@@ -906,6 +916,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "seed makes CPU runs repeatable; the cpu profile's default)")
     p.add_argument("-np", type=int, default=None, help="processes for preprocessing, prediction and evaluation "
                                                        "(default nnUNet_def_n_proc or 2)")
+    p.add_argument("--prediction-workers", type=int, default=None,
+                   help="worker processes of nnUNetv2_predict (-npp, -nps) and of the evaluation (default: -np; "
+                        "0: all in one process, nnU-Net's sequential prediction, quicker on a few CPU cores; the "
+                        "cpu profile's default)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
 
 
@@ -938,6 +952,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         trainer_hparams=trainer_hparams, disable_tta=bool(pick(args.disable_tta, "disable_tta", False)),
         save_probabilities=not args.no_probabilities, seed_training=not args.no_seed_training,
         augmentation_workers=pick(args.augmentation_workers, "augmentation_workers", None),
+        prediction_workers=pick(args.prediction_workers, "prediction_workers", None),
         num_processes=args.np or int(os.environ.get("nnUNet_def_n_proc", "2")))
 
 
