@@ -36,6 +36,7 @@ def ddp_runs(demo, tmp_path_factory):
             "runs": [{"trainer": t, "configuration": "2d", "hparams": {**SCHEDULE, **EXTRA.get(t, {})}}
                      for t in TRAINERS]}
     (root / "spec.json").write_text(json.dumps(spec))
+    # one export worker per rank in nnU-Net's final validation: 9 trainers x 2 ranks start them, on 2 cores
     env.run(sys.executable, str(REPO / "tests" / "ddp_cpu.py"), str(root / "spec.json"),
             extra_env={"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1"})
     return env, out

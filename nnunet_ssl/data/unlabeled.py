@@ -170,11 +170,12 @@ def _plans_fingerprint(plans_manager: PlansManager, configuration_name: str, dat
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def replace_atomic(write: Callable[[str], None], path: str | Path) -> None:
+def replace_atomic(write: Callable[[str], None], path: str | Path, prefix: str | None = None) -> None:
     """``write(tmp)`` into a temporary file beside ``path``, then rename it onto ``path``: readers (and a run
-    killed meanwhile) never see a half-written file, and concurrent writers never share a temporary name."""
+    killed meanwhile) never see a half-written file, and concurrent writers never share a temporary name.
+    The temporary name is ``{prefix}<random>.tmp`` (default prefix ``.{name}.``)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix or f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)

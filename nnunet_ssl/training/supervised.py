@@ -21,7 +21,6 @@ from __future__ import annotations
 import glob
 import os
 import random
-import tempfile
 from typing import Any, ClassVar
 
 import numpy as np
@@ -36,7 +35,7 @@ from torch._dynamo import OptimizedModule
 
 from nnunet_ssl.data.labeled_fraction import FILENAME as LABELED_FRACTION_FILE
 from nnunet_ssl.data.labeled_fraction import check_declared_cases, declared_unlabeled_cases
-from nnunet_ssl.data.unlabeled import write_json_atomic
+from nnunet_ssl.data.unlabeled import replace_atomic, write_json_atomic
 from nnunet_ssl.evaluation.calibration import validation_calibration
 from nnunet_ssl.training.hparams import (
     ENV_VAR,
@@ -278,17 +277,9 @@ class SupervisedTrainer(nnUNetTrainer):
             "inference_allowed_mirroring_axes": self.inference_allowed_mirroring_axes,
             "nnunet_ssl": self.extra_checkpoint_state(),
         }
-        folder = os.path.dirname(filename)
-        for stale in glob.glob(os.path.join(folder, ".ckpt.*.tmp")):  # left by a run killed while writing
+        for stale in glob.glob(os.path.join(os.path.dirname(filename), ".ckpt.*.tmp")):  # left by a killed run
             os.remove(stale)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".ckpt.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, filename)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        replace_atomic(lambda tmp: torch.save(checkpoint, tmp), filename, prefix=".ckpt.")
 
     def load_checkpoint(self, filename_or_checkpoint: str) -> None:
         super().load_checkpoint(filename_or_checkpoint)
