@@ -49,7 +49,7 @@ BASELINE = "SupervisedTrainer"
 SCHEDULE_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "save_every")
 
 PROFILES: dict[str, dict] = {
-    # 2d plans at half the planned width: on 2 idle CPU cores 1.5-3.5 minutes per run, about 25 minutes per seed
+    # 2d plans at half the planned width: on 2 idle CPU cores 1.2-3 minutes per run, about 20 minutes per seed
     # with every trainer (docs/benchmarks.md)
     "cpu": {"configuration": "2d", "batch_size": 8, "feature_scale": 0.5, "device": "cpu", "seeds": [0, 1, 2],
             "num_labeled": [3], "disable_tta": True, "augmentation_workers": 0, "prediction_workers": 0,
@@ -279,10 +279,10 @@ def prepare(settings: Settings, log=print) -> tuple[Context, list[Run]]:
         raise BenchmarkError(f"unknown trainer(s) {', '.join(unknown)}; available: {', '.join(sorted(classes))}")
     trainers = [t for t in trainers if t != BASELINE]  # the baseline runs as the bounds
     _check_hparams(settings, trainers)
-    if settings.augmentation_workers is not None and settings.augmentation_workers < 0:
-        raise BenchmarkError(f"--augmentation-workers {settings.augmentation_workers}: give 0 or more")
-    if settings.prediction_workers is not None and settings.prediction_workers < 0:
-        raise BenchmarkError(f"--prediction-workers {settings.prediction_workers}: give 0 or more")
+    for flag, workers in (("--augmentation-workers", settings.augmentation_workers),
+                          ("--prediction-workers", settings.prediction_workers)):
+        if workers is not None and workers < 0:
+            raise BenchmarkError(f"{flag} {workers}: give 0 or more")
     if settings.feature_scale is not None and not settings.feature_scale > 0:
         raise BenchmarkError(f"--feature-scale {settings.feature_scale}: give a number above 0 (1: the planned width)")
 
