@@ -3,6 +3,7 @@ tiny demo dataset that is resumed without repeating finished runs."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import json
@@ -122,6 +123,18 @@ def test_work_folder_from_before_seeding_resumes_unseeded(tmp_path):
         bm._check_work_dir(_settings(tmp_path), ctx)
     bm._check_work_dir(unseeded, ctx)
     assert json.loads((unseeded.work_dir / "benchmark.json").read_text())["seed_training"] is False
+
+
+def test_process_count_read_from_the_environment_when_the_settings_are_made(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_def_n_proc", "5")
+    assert _settings(tmp_path).num_processes == 5 and _settings(tmp_path).prediction_processes == 5
+    monkeypatch.delenv("nnUNet_def_n_proc")
+    assert _settings(tmp_path).num_processes == 2
+    parser = argparse.ArgumentParser()
+    bm.add_arguments(parser)
+    for argv, expected in ((["--device", "cpu"], 2), (["--device", "cpu", "-np", "3"], 3)):
+        args = parser.parse_args(["-d", "971", "--work-dir", str(tmp_path), *argv])
+        assert bm.settings_from_args(args).num_processes == expected
 
 
 def test_cli_reports_bad_input(raw_env):

@@ -63,6 +63,11 @@ PROFILES: dict[str, dict] = {
 }
 
 
+def default_processes() -> int:
+    """nnU-Net's default process count (nnUNet_def_n_proc), 2 where it is unset."""
+    return int(os.environ.get("nnUNet_def_n_proc", "2"))
+
+
 class BenchmarkError(ValueError):
     """Bad input found before any training; the message says what to change."""
 
@@ -87,7 +92,7 @@ class Settings:
     seed_training: bool = True  # each run's training seeded with the run's seed (trainer hyper-parameter `seed`)
     augmentation_workers: int | None = None  # nnUNet_n_proc_DA for training; None: the environment's
     save_probabilities: bool = True
-    num_processes: int = int(os.environ.get("nnUNet_def_n_proc", "2"))
+    num_processes: int = field(default_factory=default_processes)  # read when the settings are made
     # nnUNetv2_predict's -npp/-nps and the evaluation's processes; 0: all in the calling process (nnU-Net's
     # sequential prediction), quicker on a few CPU cores, where worker start-up outweighs the overlap;
     # None: num_processes. The predictions are the same either way.
@@ -953,7 +958,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         save_probabilities=not args.no_probabilities, seed_training=not args.no_seed_training,
         augmentation_workers=pick(args.augmentation_workers, "augmentation_workers", None),
         prediction_workers=pick(args.prediction_workers, "prediction_workers", None),
-        num_processes=args.np or int(os.environ.get("nnUNet_def_n_proc", "2")))
+        num_processes=args.np or default_processes())
 
 
 def main_from_args(args: argparse.Namespace) -> None:
