@@ -186,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=float, default=3.0, help="voxel size in mm (default 3; thick-slice subjects "
                                                               "of the wide population get up to 2.5x on one axis)")
     p.add_argument("--narrow", type=int, default=8, help="narrow-pool training subjects (one source anatomy; the "
-                                                         "labeled cases are drawn from them), default 8")
+                                                         "labeled cases are drawn from them), default 8; 0: no "
+                                                         "narrow pool, the labeled cases are drawn from the wide "
+                                                         "training subjects")
     p.add_argument("--wide", type=int, default=24, help="wide-population training subjects (they play "
                                                         "unlabeled), default 24")
     p.add_argument("--val", type=int, default=4, help="validation subjects (wide population), default 4")

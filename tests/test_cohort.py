@@ -106,6 +106,15 @@ def test_bad_settings():
         CohortConfig(sources=("mni152", "nope")).check()
     with pytest.raises(ValueError, match="at least 2"):
         CohortConfig(num_narrow=1).check()
+    with pytest.raises(ValueError, match="num_wide 2: without a narrow pool"):
+        CohortConfig(num_narrow=0, num_wide=2).check()
+
+
+def test_without_a_narrow_pool_the_labeled_cases_come_from_the_wide_subjects(tmp_path):
+    folder = CohortBuilder(_config(num_narrow=0), tmp_path, ANATOMIES).build(tmp_path / "raw", progress=lambda _: None)
+    cohort = json.loads((folder / "cohort.json").read_text())
+    assert cohort["pools"]["narrow"] == [] and cohort["labeled_pool"] == ["wide_000", "wide_001", "wide_002"]
+    assert json.loads((folder / "dataset.json").read_text())["numTraining"] == 4  # 3 wide + 1 validation
 
 
 def test_missing_package_is_a_clear_error(tmp_path, monkeypatch):

@@ -9,7 +9,9 @@ monotone contrast curve, a smooth multiplicative bias field, Rician noise and a 
 Two populations make the scarcity real (extra warps of the same brain carry no new information):
 
 - **narrow** (``narrow_*``): one source anatomy, mild contrast, bias and noise, one voxel size: "a few labeled
-  scans from one site". The labeled cases of a benchmark are drawn from this pool;
+  scans from one site". The labeled cases of a benchmark are drawn from this pool (with no narrow pool,
+  ``num_narrow=0``, from the wide training subjects: labeled and unlabeled images from one population, as in the
+  papers' experiments);
 - **wide** (``wide_*``, ``val_*``, ``test_*``): every source anatomy in turn, strong contrast, bias and noise
   variety, and thick slices along a random axis for part of the subjects: "many scans from everywhere".
 
@@ -76,7 +78,7 @@ class CohortConfig:
     name: str = "BrainCohort"
     seed: int = 0
     spacing: float = 3.0  # isotropic voxel size (mm) of subjects without thick slices
-    num_narrow: int = 8  # the pool labeled cases are drawn from
+    num_narrow: int = 8  # the pool labeled cases are drawn from; 0: from the wide training subjects
     num_wide: int = 24  # training subjects that play "unlabeled"
     num_val: int = 4
     num_test: int = 16
@@ -97,8 +99,12 @@ class CohortConfig:
             problems.append(f"unknown narrow source '{self.narrow_source}' (available: {', '.join(SOURCES)})")
         if not 0 < self.spacing <= 10:
             problems.append(f"spacing {self.spacing} mm: give a voxel size in (0, 10] mm")
-        if self.num_narrow < 2:
-            problems.append(f"num_narrow {self.num_narrow}: the labeled pool needs at least 2 subjects")
+        if self.num_narrow == 1 or self.num_narrow < 0:
+            problems.append(f"num_narrow {self.num_narrow}: the labeled pool needs at least 2 subjects "
+                            "(or 0: labeled cases drawn from the wide training subjects)")
+        if self.num_narrow == 0 and self.num_wide < 3:
+            problems.append(f"num_wide {self.num_wide}: without a narrow pool the labeled cases come from the wide "
+                            "training subjects; give at least 3 (two to label, one to stay unlabeled)")
         if self.num_val < 1 or self.num_test < 1:
             problems.append("num_val and num_test must be at least 1")
         if min(self.num_wide, self.num_extra_unlabeled) < 0:
@@ -288,7 +294,7 @@ class CohortBuilder:
             (tmp / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
             pools = {p: [r.case for r in records if r.pool == p] for p in POOLS}
             cohort = {"config": _config_dict(cfg), "fov_mm": np.round(self.fov_mm, 3).tolist(),
-                      "pools": pools, "labeled_pool": pools["narrow"], "validation": pools["val"],
+                      "pools": pools, "labeled_pool": pools["narrow"] or pools["wide"], "validation": pools["val"],
                       "subjects": [asdict(r) for r in records]}
             (tmp / "cohort.json").write_text(json.dumps(cohort, indent=1))
             used = sorted({r.source for r in records} & set(SOURCES))
