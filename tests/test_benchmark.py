@@ -264,6 +264,21 @@ def test_report_from_the_run_files_with_the_environment(tmp_path):
                                                       "summary.csv"]
 
 
+def test_dice_against_labeled_count_plot_has_whole_case_ticks(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    ticks = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, path, **kw: (ticks.append([list(ax.get_xticks()) for ax in fig.axes]),
+                                                 Path(path).write_bytes(b"png")))
+    results = [_result(bm.LOWER, "SupervisedTrainer", k, seed, (0.5 + 0.05 * k, 0.6), 4.0)
+               for k in (1, 3) for seed in (0, 1)]
+    results += [_result(bm.UPPER, "SupervisedTrainer", None, seed, (0.9, 0.9), 1.0) for seed in (0, 1)]
+    written = bm.plots(results, bm.summarise(results, {"1": "gm", "2": "wm"}), tmp_path)
+    assert [p.name for p in written] == ["dice_per_trainer.png", "dice_vs_labeled.png"]
+    assert ticks[-1] == [[1, 3]]  # the labeled counts, not 1.25, 1.5, ...
+
+
 def test_replace_atomic_keeps_the_old_file_when_writing_fails(tmp_path):
     from nnunet_ssl.data.unlabeled import replace_atomic
 

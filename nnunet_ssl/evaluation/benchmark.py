@@ -767,6 +767,7 @@ def plots(results: list[dict], summary: list[dict], out: Path) -> list[Path]:
             s = np.nan_to_num(np.array([r["Dice mean std"] for r in rows]))
             ax.plot(x, y, "o-", label=m)
             ax.fill_between(x, y - s, y + s, alpha=0.15)
+        ax.set_xticks(counts)  # labeled counts are whole cases
         ax.set_xlabel("labeled cases")
         ax.set_ylabel("test Dice (mean over foreground classes)")
         ax.legend(fontsize=7)
