@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from nnunet_ssl.evaluation import anatomy as anatomy_mod
+from nnunet_ssl.evaluation import cohort as cohort_module
 from nnunet_ssl.evaluation.anatomy import Anatomy, AnatomyError, fetch_wheel, load_anatomy
 from nnunet_ssl.evaluation.cohort import CohortBuilder, CohortConfig
 
@@ -115,6 +116,15 @@ def test_without_a_narrow_pool_the_labeled_cases_come_from_the_wide_subjects(tmp
     cohort = json.loads((folder / "cohort.json").read_text())
     assert cohort["pools"]["narrow"] == [] and cohort["labeled_pool"] == ["wide_000", "wide_001", "wide_002"]
     assert json.loads((folder / "dataset.json").read_text())["numTraining"] == 4  # 3 wide + 1 validation
+
+
+def test_the_narrow_source_is_loaded_only_for_a_narrow_pool(tmp_path, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(cohort_module, "load_anatomy", lambda name, cache: loaded.append(name) or ANATOMIES["b"])
+    for num_narrow in (2, 0):
+        loaded.clear()
+        CohortBuilder(CohortConfig(num_narrow=num_narrow, sources=("fsaverage",), narrow_source="mni152"), tmp_path)
+        assert loaded == (["fsaverage", "mni152"] if num_narrow else ["fsaverage"])
 
 
 def test_missing_package_is_a_clear_error(tmp_path, monkeypatch):

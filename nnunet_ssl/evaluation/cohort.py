@@ -178,7 +178,8 @@ class CohortBuilder:
     def __init__(self, config: CohortConfig, cache: str | Path, anatomies: dict[str, Anatomy] | None = None):
         """``anatomies`` replaces the registry sources (tests use small synthetic ones)."""
         self.cache = Path(cache)
-        names = sorted(set(config.sources) | {config.narrow_source})
+        # the narrow source only where there is a narrow pool: --narrow 0 fetches and frames only what it uses
+        names = sorted(set(config.sources) | ({config.narrow_source} if config.num_narrow else set()))
         if anatomies is None:
             config.check()
             anatomies = {s: load_anatomy(s, self.cache) for s in names}  # a missing package fails before writing
