@@ -4,12 +4,14 @@ checkpoint round trip that restores the teacher (and the student) bit for bit.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from benchmark_iteration import synthetic_batch
 
+from nnunet_ssl.data.labeled_fraction import make_labeled_fraction
 from nnunet_ssl.methods.ugmcl.trainer import (
     DTC_HPARAMS,
     MEAN_TEACHER_HPARAMS,
@@ -19,6 +21,7 @@ from nnunet_ssl.methods.ugmcl.trainer import (
     MeanTeacherTrainer,
     UAMTTrainer,
     UGMCLTrainer,
+    dropout_advice,
 )
 from nnunet_ssl.training.hparams import HParamError, resolve_hparams
 
@@ -46,6 +49,28 @@ def test_defaults_are_the_papers():
     assert resolve_hparams(MEAN_TEACHER_HPARAMS, "MeanTeacherTrainer", {})["consistency_on"] == "unlabeled"
     assert "mc_passes" not in MEAN_TEACHER_HPARAMS and "mc_passes" in UAMT_HPARAMS
     assert "ema_alpha" not in DTC_HPARAMS and "consistency_weight" not in DTC_HPARAMS
+
+
+@pytest.mark.parametrize("num_labeled, dropout_p, warned", [(1, 0.5, True), (1, 0.1, True), (1, 0.0, False),
+                                                             (2, 0.5, False), (3, 0.5, False)])
+def test_dropout_advice_only_for_a_single_labeled_case_with_dropout(num_labeled, dropout_p, warned):
+    advice = dropout_advice(num_labeled, dropout_p)
+    assert (advice is not None) == warned
+    if warned:
+        assert f"dropout_p = {dropout_p}" in advice and "dropout_p to 0" in advice
+
+
+def test_training_log_warns_of_dropout_with_one_labeled_case(demo, monkeypatch, tmp_path):
+    env = demo.copy(tmp_path / "env")
+    cases = sorted(p.name[: -len(".b2nd")] for p in (env.pp / "nnUNetPlans_3d_fullres").glob("*.b2nd")
+                   if not p.name.endswith("_seg.b2nd"))
+    make_labeled_fraction(env.pp, cases, num_labeled=1, seed=0, folds=[0])
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    trainer = _trainer(MeanTeacherTrainer, env, monkeypatch, tmp_path)
+    trainer.on_train_start()
+    trainer.shutdown_unlabeled_dataloader()
+    log = Path(trainer.log_file).read_text()
+    assert "1 labeled training case(s)" in log and "warning: dropout_p = 0.5 with a single labeled" in log
 
 
 def _trainer(cls, demo, monkeypatch, tmp_path, hparams: dict | None = None, configuration: str = "3d_fullres"):
