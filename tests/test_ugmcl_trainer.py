@@ -12,6 +12,7 @@ import torch
 from benchmark_iteration import synthetic_batch
 
 from nnunet_ssl.data.labeled_fraction import make_labeled_fraction
+from nnunet_ssl.data.unlabeled import labeled_case_ids
 from nnunet_ssl.methods.ugmcl.trainer import (
     DTC_HPARAMS,
     MEAN_TEACHER_HPARAMS,
@@ -62,9 +63,8 @@ def test_dropout_advice_only_for_a_single_labeled_case_with_dropout(num_labeled,
 
 def test_training_log_warns_of_dropout_with_one_labeled_case(demo, monkeypatch, tmp_path):
     env = demo.copy(tmp_path / "env")
-    cases = sorted(p.name[: -len(".b2nd")] for p in (env.pp / "nnUNetPlans_3d_fullres").glob("*.b2nd")
-                   if not p.name.endswith("_seg.b2nd"))
-    make_labeled_fraction(env.pp, cases, num_labeled=1, seed=0, folds=[0])
+    cases = labeled_case_ids(env.raw, json.loads((env.raw / "dataset.json").read_text()))
+    make_labeled_fraction(env.pp, cases, num_labeled=1, seed=0, folds=[0])  # as `nnunet_ssl labeled-fraction`
     monkeypatch.setenv("nnUNet_n_proc_DA", "0")
     trainer = _trainer(MeanTeacherTrainer, env, monkeypatch, tmp_path)
     trainer.on_train_start()
