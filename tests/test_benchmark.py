@@ -196,6 +196,19 @@ def test_summary_table_and_gap():
     assert "+15.0 Dice points over the lower bound (95% confidence interval -48.5 to +78.5), 50% of the gap" in gap
 
 
+def test_gap_warning_names_the_count_and_the_unrounded_gap():
+    def row(role, k, dice):
+        return {"role": role, "num_labeled": k, "Dice mean": dice}
+    upper = row(bm.UPPER, None, 0.731)
+    # 0.731 - 0.6312 = 9.98 points: under the aim, though "10.0" to one decimal
+    warning = bm.gap_warning([row(bm.LOWER, 3, 0.6312), row(bm.LOWER, 1, 0.55), upper])
+    assert warning.startswith("warning: the upper bound beats the lower bound by less than 10 Dice points")
+    assert "(9.98 points with 3 labeled)" in warning and "1 labeled" not in warning  # 18.1 points: not named
+    assert bm.gap_warning([row(bm.LOWER, 3, 0.631), upper]) is None  # exactly 10 points
+    assert bm.gap_warning([row(bm.LOWER, 3, 0.6312)]) is None  # no upper bound: nothing to compare
+    assert "30.00 points with 2 labeled" in bm.gap_warning([row(bm.LOWER, 2, 0.5), row(bm.UPPER, None, 0.8)],
+                                                           aim=0.5)
+
 def test_gain_interval_is_students_t_over_the_seeds():
     # mean 0.01, sd 0.03, standard error 0.03 / sqrt(3) = 0.01732; t(0.975, 2 dof) = 4.3027 -> half-width 0.07452
     low, high = bm.gain_interval([0.01, -0.02, 0.04])
