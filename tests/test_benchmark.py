@@ -209,6 +209,7 @@ def test_gap_warning_names_the_count_and_the_unrounded_gap():
     assert "30.00 points with 2 labeled" in bm.gap_warning([row(bm.LOWER, 2, 0.5), row(bm.UPPER, None, 0.8)],
                                                            aim=0.5)
 
+
 def test_gain_interval_is_students_t_over_the_seeds():
     # mean 0.01, sd 0.03, standard error 0.03 / sqrt(3) = 0.01732; t(0.975, 2 dof) = 4.3027 -> half-width 0.07452
     low, high = bm.gain_interval([0.01, -0.02, 0.04])

@@ -849,13 +849,14 @@ def gap_warning(summary: list[dict], aim: float = 0.10) -> str | None:
     upper = next((r for r in summary if r["role"] == UPPER), None)
     if upper is None:
         return None
-    small = [(r["num_labeled"], upper["Dice mean"] - r["Dice mean"]) for r in summary
-             if r["role"] == LOWER and upper["Dice mean"] - r["Dice mean"] < aim - 1e-9]  # float round-off
+    gaps = [(r["num_labeled"], upper["Dice mean"] - r["Dice mean"]) for r in summary if r["role"] == LOWER]
+    small = [(k, g) for k, g in gaps if g < aim - 1e-9]  # the tolerance: float round-off at exactly the aim
     if not small:
         return None
-    gaps = ", ".join(f"{100 * g:.2f} points with {k} labeled" for k, g in small)
-    return (f"warning: the upper bound beats the lower bound by less than {100 * aim:g} Dice points ({gaps}); "
+    named = ", ".join(f"{100 * g:.2f} points with {k} labeled" for k, g in small)
+    return (f"warning: the upper bound beats the lower bound by less than {100 * aim:g} Dice points ({named}); "
             "unlabeled data can hardly show an effect on this dataset (change the cohort, not the methods).")
+
 
 # ---------------------------------------------------------------------------------------------- entry point
 def _log(message: str) -> None:
