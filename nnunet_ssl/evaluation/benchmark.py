@@ -696,16 +696,22 @@ def gain_interval(gains: list[float], level: float = 0.95) -> tuple[float, float
     return float(low), float(high)
 
 
+def bound_gaps(summary: list[dict]) -> tuple[dict | None, list[tuple[dict, float]]]:
+    """The upper bound's row (None without one) and, per lower-bound row, that row with upper − lower mean Dice
+    (an empty list without an upper bound)."""
+    upper = next((r for r in summary if r["role"] == UPPER), None)
+    if upper is None:
+        return None, []
+    return upper, [(r, upper["Dice mean"] - r["Dice mean"]) for r in summary if r["role"] == LOWER]
+
+
 def gap_lines(summary: list[dict]) -> list[str]:
     """The gap between the bounds and, per semi-supervised trainer, its gain over the lower bound with the 95%
     confidence interval of that mean and the share of the gap it closes, all paired by seed (only the seeds the
     trainer, the lower and the upper bound all ran)."""
-    upper = next((r for r in summary if r["role"] == UPPER), None)
+    upper, bounds = bound_gaps(summary)
     lines = []
-    for lower in (r for r in summary if r["role"] == LOWER):
-        if upper is None:
-            break
-        gap = upper["Dice mean"] - lower["Dice mean"]
+    for lower, gap in bounds:
         lines.append(f"- {lower['num_labeled']} labeled: upper − lower bound = {100 * gap:.1f} Dice points "
                      f"(lower {lower['Dice mean']:.3f} ± {lower['Dice mean std']:.3f}, upper "
                      f"{upper['Dice mean']:.3f} ± {upper['Dice mean std']:.3f}; mean over seeds ± std).")
@@ -846,14 +852,10 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
 def gap_warning(summary: list[dict], aim: float = 0.10) -> str | None:
     """A warning naming the labeled count(s) whose gap between the bounds is under ``aim`` (mean Dice over seeds),
     with the gap to two decimals (so that 9.98 points is not shown as "10.0"); None when every gap reaches it."""
-    upper = next((r for r in summary if r["role"] == UPPER), None)
-    if upper is None:
-        return None
-    gaps = [(r["num_labeled"], upper["Dice mean"] - r["Dice mean"]) for r in summary if r["role"] == LOWER]
-    small = [(k, g) for k, g in gaps if g < aim - 1e-9]  # the tolerance: float round-off at exactly the aim
+    small = [(r, g) for r, g in bound_gaps(summary)[1] if g < aim - 1e-9]  # tolerance: round-off at the aim
     if not small:
         return None
-    named = ", ".join(f"{100 * g:.2f} points with {k} labeled" for k, g in small)
+    named = ", ".join(f"{100 * g:.2f} points with {r['num_labeled']} labeled" for r, g in small)
     return (f"warning: the upper bound beats the lower bound by less than {100 * aim:g} Dice points ({named}); "
             "unlabeled data can hardly show an effect on this dataset (change the cohort, not the methods).")
 
