@@ -154,8 +154,67 @@ def test_same_labeled_cases_as_labeled_fraction_command(tmp_path):
         assert bm._choose_labeled(cases[:10], 3, seed) == sorted(set(cases[:10]) - set(declared))
 
 
+def test_placebo_runs_after_their_trainer_with_the_unsupervised_weights_at_0(tmp_path):
+    trainers = ["MuSTTrainer", "POPCORNTrainer", "UGMCLTrainer"]
+    settings = _settings(tmp_path, placebo=True, seeds=[0, 1], trainers=trainers,
+                         trainer_hparams={"MuSTTrainer": {"consistency_weight": 5.0, "temperature": 0.5}})
+    logged = []
+    runs = bm.plan_runs(settings, trainers, [2], logged.append)
+    assert [(r.role, r.trainer, r.seed) for r in runs if r.role in (bm.SSL, bm.PLACEBO) and r.seed == 1] == [
+        (bm.SSL, "MuSTTrainer", 1), (bm.PLACEBO, "MuSTTrainer", 1), (bm.SSL, "POPCORNTrainer", 1),
+        (bm.SSL, "UGMCLTrainer", 1), (bm.PLACEBO, "UGMCLTrainer", 1)]
+    assert len(runs) == 2 * 2 + 2 * 5 and [r.role for r in runs[:4]] == [bm.LOWER, bm.UPPER] * 2
+    assert logged == [("no placebo for POPCORNTrainer: its unlabeled images enter through no weighted loss (e.g. "
+                       "as pseudo-labeled training cases); it runs without one")]
+    assert bm.plan_runs(dataclasses.replace(settings, placebo=False), trainers, [2], logged.append) == \
+        [r for r in runs if r.role != bm.PLACEBO] and len(logged) == 1
+    placebo = next(r for r in runs if r.role == bm.PLACEBO)
+    assert (placebo.name, placebo.method) == ("placebo_MuSTTrainer", "MuSTTrainer (placebo)")
+    # the same trainer class: its checkpoints and predictions must not meet the trainer's
+    ctx = bm.Context(971, "Dataset971_Tiny", tmp_path, tmp_path, "nnUNetPlans", [], [], [], [], False, {})
+    root = tmp_path / "runs" / placebo.env_name
+    trained = bm.Run(bm.SSL, "MuSTTrainer", 2, 0)
+    assert bm.fold_folder(settings, ctx, root, placebo) == \
+        root / "nnUNet_results_placebo" / "Dataset971_Tiny" / "MuSTTrainer__nnUNetPlans__3d_fullres" / "fold_0"
+    assert bm.fold_folder(settings, ctx, root, trained).parents[2] == root / "nnUNet_results"
+    assert bm._env(root, {}, None, placebo.results_folder)["nnUNet_results"] == str(root / "nnUNet_results_placebo")
+    assert bm.metrics_file(settings, placebo) != bm.metrics_file(settings, trained)
+    # the user's values, then the placebo's zeros over them
+    unmirrored = {"final_validation_mirroring": False}
+    assert bm.hparams_for(settings, "MuSTTrainer", 3, placebo=True) == {
+        **unmirrored, **SHORT, "consistency_weight": 0.0, "temperature": 0.5, "seed": 3}
+    assert bm.hparams_for(settings, "UGMCLTrainer", 3, placebo=True) == {
+        **unmirrored, **SHORT, "consistency_weight": 0.0, "cross_task_weight": 0.0, "seed": 3}
+    assert bm.hparams_for(settings, "MuSTTrainer", 3)["consistency_weight"] == 5.0
+
+
+def test_gain_over_the_placebo_paired_by_seed():
+    results = [_result(bm.LOWER, "SupervisedTrainer", 2, s, (0.6, 0.6), 4.0) for s in (0, 1, 2)] + \
+              [_result(bm.UPPER, "SupervisedTrainer", None, s, (0.8, 0.8), 1.0) for s in (0, 1, 2)] + \
+              [_result(bm.SSL, "MeanTeacherTrainer", 2, s, (d, d), 3.0) for s, d in ((0, 0.66), (1, 0.64), (2, 0.62))] + \
+              [_result(bm.PLACEBO, "MeanTeacherTrainer", 2, s, (d, d), 3.0) for s, d in ((0, 0.65), (1, 0.65))] + \
+              [_result(bm.SSL, "MuSTTrainer", 2, s, (0.7, 0.7), 3.0) for s in (0, 1, 2)]
+    summary = bm.summarise(results, {"1": "gm", "2": "wm"})
+    assert [r["method"] for r in summary] == [
+        "lower bound (SupervisedTrainer)", "MeanTeacherTrainer", "MeanTeacherTrainer (placebo)", "MuSTTrainer",
+        "upper bound (SupervisedTrainer)"]
+    lines = bm.gap_lines(summary)
+    # MeanTeacher +4 points over the lower bound (20% of the 20-point gap); its placebo +5, over seeds 0 and 1;
+    # MeanTeacher over its placebo, seeds 0 and 1: +1 and -1 -> 0 (t(0.975, 1) 12.706 x standard error 1 point)
+    # MeanTeacher: gains 6, 4, 2 points, standard error 1.155, t(0.975, 2 dof) 4.303 -> 4 -+ 4.97
+    assert lines[1] == ("  - MeanTeacherTrainer: +4.0 Dice points over the lower bound (95% confidence interval -1.0 "
+                        "to +9.0), 20% of the gap closed; above it in 3 of 3 seed(s) (seeds 0, 1, 2: +6.0, +4.0, +2.0).")
+    assert lines[2] == ("    - over its placebo: +0.0 Dice points over the placebo (95% confidence interval -12.7 to "
+                        "+12.7); above it in 1 of 2 seed(s) (seeds 0, 1: +1.0, -1.0).")
+    # the same gain in both seeds: an interval of width 0, not NaN
+    assert lines[3] == ("  - MeanTeacherTrainer (placebo): +5.0 Dice points over the lower bound (95% confidence "
+                        "interval +5.0 to +5.0), 25% of the gap closed; above it in 2 of 2 seed(s) (seeds 0, 1: +5.0, "
+                        "+5.0).")
+    assert lines[4].startswith("  - MuSTTrainer: +10.0") and len(lines) == 5  # no placebo: no line about one
+
+
 def _result(role, trainer, k, seed, dice, hd):
-    return {"role": role, "trainer": trainer, "method": f"{role} ({trainer})" if role != bm.SSL else trainer,
+    return {"role": role, "trainer": trainer, "method": bm.Run(role, trainer, k, seed).method,
             "num_labeled": k, "seed": seed,
             "cases": [{"case": "t0", "class": "1", "Dice": dice[0], "HD95": hd, "ASD": 1.0, "ECE": None},
                       {"case": "t0", "class": "2", "Dice": dice[1], "HD95": hd, "ASD": 1.0, "ECE": None},
@@ -215,6 +274,7 @@ def test_gain_interval_is_students_t_over_the_seeds():
     low, high = bm.gain_interval([0.01, -0.02, 0.04])
     assert low == pytest.approx(0.01 - 0.074524, abs=1e-5) and high == pytest.approx(0.01 + 0.074524, abs=1e-5)
     assert bm.gain_interval([0.05]) is None  # one seed: no interval
+    assert bm.gain_interval([0.05, 0.05]) == pytest.approx((0.05, 0.05))  # no spread: width 0
 
 
 def test_gain_paired_by_seed():
@@ -321,7 +381,8 @@ def test_benchmark_runs_and_resumes(demo, tmp_path):
            str(work), "-c", "3d_fullres", "--num-labeled", "2", "--seeds", "0", "--trainers", "MuSTTrainer",
            "--hparams", json.dumps(SHORT), "--device", "cpu", "--disable-tta", "-np", "1", "--prediction-workers", "0",
            "--augmentation-workers", "0",  # with the run's seed, training is repeatable on the CPU
-           "--feature-scale", "0.5"]  # every run on the plans with half the planned width
+           "--feature-scale", "0.5",  # every run on the plans with half the planned width
+           "--placebo"]  # and MuST's placebo, apart from MuST
     first = demo.run(*cmd)
     runs = work / "runs"
     assert sorted(p.name for p in runs.iterdir()) == ["all_seed0", "n2_seed0"]
@@ -341,24 +402,33 @@ def test_benchmark_runs_and_resumes(demo, tmp_path):
     assert trained["batch_size"] == planned["batch_size"]
     metrics = sorted(runs.glob("*/metrics_*.json"))
     assert [p.name for p in metrics] == ["metrics_upper_SupervisedTrainer.json", "metrics_MuSTTrainer.json",
-                                         "metrics_lower_SupervisedTrainer.json"]
+                                         "metrics_lower_SupervisedTrainer.json", "metrics_placebo_MuSTTrainer.json"]
     for m in metrics:
         r = json.loads(m.read_text())
         assert len(r["cases"]) == 2 * 2  # 2 test cases x 2 classes
         assert all(0 <= c["Dice"] <= 1 and c["HD95"] >= 0 for c in r["cases"] if np.isfinite(c["Dice"]))
         assert r["training"]["seconds_per_iteration"] > 0 and r["training"]["peak_rss_mib"] > 0
-        assert r["hparams"] == {**SHORT, "final_validation_mirroring": False, "seed": 0}
+        placebo = {"consistency_weight": 0.0} if r["role"] == bm.PLACEBO else {}
+        assert r["hparams"] == {**SHORT, "final_validation_mirroring": False, **placebo, "seed": 0}
+    # the placebo trained MuST's network with its consistency weight at 0, in its own results folder
+    placebo_log = next((runs / "n2_seed0" / "nnUNet_results_placebo").rglob("MuSTTrainer*/fold_0/training_log_*.txt"))
+    assert '"consistency_weight": 0.0' in placebo_log.read_text().replace("'", '"')
+    assert (runs / "n2_seed0" / "nnUNet_results" / demo.name / "MuSTTrainer__nnUNetPlans_width0.5__3d_fullres" /
+            "fold_0" / "checkpoint_final.pth").is_file()
     with open(work / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 * 4 and {r["method"] for r in rows} == {
-        "lower bound (SupervisedTrainer)", "MuSTTrainer", "upper bound (SupervisedTrainer)"}
+    assert len(rows) == 4 * 4 and {r["method"] for r in rows} == {
+        "lower bound (SupervisedTrainer)", "MuSTTrainer", "MuSTTrainer (placebo)", "upper bound (SupervisedTrainer)"}
     table = (work / "benchmark.md").read_text()
     assert "| MuSTTrainer | 2 | 1 |" in table and "Dice points" in table
+    assert "| MuSTTrainer (placebo) | 2 | 1 |" in table and "- over its placebo: " in table
+    assert "`(placebo)`: the trainer with the weights of its unsupervised losses at 0 (MuSTTrainer: " \
+           "consistency_weight)" in table
     assert "training seeded with each run's seed, 0 augmentation worker(s)" in table
     assert (work / "dice_per_trainer.png").stat().st_size > 0 and (work / "summary.csv").is_file()
-    assert first.stdout.count("done in") == 3
+    assert first.stdout.count("done in") == 4
     predict_logs = sorted(runs.glob("*/logs/predict_*.log"))
-    assert len(predict_logs) == 3 and all("non-multiprocessing mode" in p.read_text() for p in predict_logs)
+    assert len(predict_logs) == 4 and all("non-multiprocessing mode" in p.read_text() for p in predict_logs)
 
     # resume: nothing finished is repeated; a run that lost only its evaluation is predicted and evaluated again,
     # without training; a run that lost its training is trained again, seeded as before, with the same result
@@ -371,7 +441,7 @@ def test_benchmark_runs_and_resumes(demo, tmp_path):
     lower_metrics.unlink()
     shutil.rmtree(lower_fold)
     second = demo.run(*cmd)
-    assert second.stdout.count("already finished, skipped") == 1 and second.stdout.count("done in") == 2
+    assert second.stdout.count("already finished, skipped") == 2 and second.stdout.count("done in") == 2
     assert "training MuSTTrainer" not in second.stdout and "training lower bound" in second.stdout
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("checkpoint_final.pth")
             if lower_fold not in p.parents} == checkpoints

@@ -11,6 +11,9 @@ other training cases). With it, in one nnU-Net environment per (k, s):
   ``nnUNetTrainer`` would ignore the labeled-fraction file and train on every case);
 - **each semi-supervised trainer** (``nnunet_ssl.trainers.TRAINERS`` or ``--trainers``): the k labeled cases plus
   the declared ones and ``imagesUnlabeled/`` as unlabeled images;
+- with ``--placebo``, **each trainer's placebo**: the same trainer with the weights of its unsupervised losses at 0
+  (``placebo_hparams``), so that it draws the same kind of unlabeled batches but no loss reads them. A trainer that
+  beats the lower bound but not its placebo owes the gain to something else than the unlabeled images;
 
 and per seed, without the file, the **upper bound**: ``SupervisedTrainer`` on every training case with its label.
 All use the same plans, configuration, fold-0 split (validation cases fixed), schedule (``--hparams``, passed as
@@ -44,7 +47,7 @@ import numpy as np
 from nnunet_ssl.data.labeled_fraction import FILENAME as LABELED_FRACTION_FILE
 from nnunet_ssl.data.unlabeled import replace_atomic, write_json_atomic, write_text_atomic
 
-LOWER, UPPER, SSL = "lower bound", "upper bound", "semi-supervised"
+LOWER, UPPER, SSL, PLACEBO = "lower bound", "upper bound", "semi-supervised", "placebo"
 BASELINE = "SupervisedTrainer"
 SCHEDULE_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "save_every")
 
@@ -88,6 +91,7 @@ class Settings:
     bounds: bool = True
     hparams: dict = field(default_factory=dict)
     trainer_hparams: dict[str, dict] = field(default_factory=dict)
+    placebo: bool = False  # also each trainer's placebo (its unsupervised loss weights at 0)
     disable_tta: bool = False
     seed_training: bool = True  # each run's training seeded with the run's seed (trainer hyper-parameter `seed`)
     augmentation_workers: int | None = None  # nnUNet_n_proc_DA for training; None: the environment's
@@ -128,7 +132,7 @@ class Context:
 
 @dataclass
 class Run:
-    role: str  # LOWER, SSL or UPPER
+    role: str  # LOWER, SSL, PLACEBO or UPPER
     trainer: str
     num_labeled: int | None  # None for the upper bound
     seed: int
@@ -139,22 +143,34 @@ class Run:
 
     @property
     def name(self) -> str:
-        return {LOWER: "lower_", UPPER: "upper_"}.get(self.role, "") + self.trainer
+        return {LOWER: "lower_", UPPER: "upper_", PLACEBO: "placebo_"}.get(self.role, "") + self.trainer
 
     @property
     def method(self) -> str:
+        if self.role == PLACEBO:
+            return placebo_method(self.trainer)
         return f"{self.role} ({self.trainer})" if self.role != SSL else self.trainer
+
+    @property
+    def results_folder(self) -> str:
+        """nnUNet_results inside the run's environment; a placebo trains the same trainer class, so apart."""
+        return "nnUNet_results_placebo" if self.role == PLACEBO else "nnUNet_results"
+
+
+def placebo_method(trainer: str) -> str:
+    return f"{trainer} (placebo)"
 
 
 # ---------------------------------------------------------------------------------------------- set-up
-def _env(ctx_env: Path | None = None, hparams: dict | None = None, augmentation_workers: int | None = None) -> dict:
+def _env(ctx_env: Path | None = None, hparams: dict | None = None, augmentation_workers: int | None = None,
+         results_folder: str = "nnUNet_results") -> dict:
     from nnunet_ssl.ext_trainers_path import trainers_path
 
     env = {**os.environ, "nnUNet_extTrainer": str(trainers_path())}
     env.pop("nnUNet_ssl_hparams", None)
     if ctx_env is not None:
         env["nnUNet_preprocessed"] = str(ctx_env / "nnUNet_preprocessed")
-        env["nnUNet_results"] = str(ctx_env / "nnUNet_results")
+        env["nnUNet_results"] = str(ctx_env / results_folder)
     if hparams is not None:
         env["nnUNet_ssl_hparams"] = json.dumps(hparams)
     if augmentation_workers is not None:
@@ -220,27 +236,33 @@ def _check_hparams(settings: Settings, trainers: list[str]) -> None:
     if seeded_by_hand:
         raise BenchmarkError(f"'seed' in {seeded_by_hand[0]}: the harness seeds each run's training with the run's "
                              "seed (--seeds); remove it (--no-seed-training trains unseeded, as nnU-Net)")
-    for name in {BASELINE, *trainers}:
+    checks = [(name, False) for name in {BASELINE, *trainers}] + [(name, True) for name in placebos(settings, trainers)]
+    for name, placebo in checks:
         try:
-            resolve_hparams(classes[name].hparam_spec, name, hparams_for(settings, name))
+            resolve_hparams(classes[name].hparam_spec, name, hparams_for(settings, name, placebo=placebo))
         except HParamError as e:
-            raise BenchmarkError(f"{e}") from None
+            raise BenchmarkError(f"{e}{' (its placebo)' if placebo else ''}") from None
     for name in settings.trainer_hparams:
         if name not in classes:
             raise BenchmarkError(f"--trainer-hparams names unknown trainer '{name}'")
 
 
-def hparams_for(settings: Settings, trainer: str, seed: int | None = None) -> dict:
-    """The common schedule plus the trainer's own values (the baseline gets only keys it knows) and, with
-    ``settings.seed_training``, the run's ``seed``; with ``settings.disable_tta`` the final validation predicts
-    unmirrored too, as the test set is."""
-    from nnunet_ssl.trainers import TRAINERS
+def placebos(settings: Settings, trainers: list[str]) -> list[str]:
+    """The trainers whose placebo runs: with ``settings.placebo``, every one that has a placebo."""
+    classes = trainer_classes()
+    return [t for t in trainers if settings.placebo and getattr(classes[t], "placebo_hparams", lambda: None)()]
 
-    spec = TRAINERS[trainer].hparam_spec
-    common = {k: v for k, v in settings.hparams.items() if k in spec or trainer != BASELINE}
+
+def hparams_for(settings: Settings, trainer: str, seed: int | None = None, placebo: bool = False) -> dict:
+    """The common schedule plus the trainer's own values (the baseline gets only keys it knows), for its placebo
+    with the unsupervised weights at 0, and, with ``settings.seed_training``, the run's ``seed``; with
+    ``settings.disable_tta`` the final validation predicts unmirrored too, as the test set is."""
+    cls = trainer_classes()[trainer]
+    common = {k: v for k, v in settings.hparams.items() if k in cls.hparam_spec or trainer != BASELINE}
     seeded = {"seed": seed} if settings.seed_training and seed is not None else {}
     unmirrored = {"final_validation_mirroring": False} if settings.disable_tta else {}
-    return {**unmirrored, **common, **settings.trainer_hparams.get(trainer, {}), **seeded}
+    zeroed = cls.placebo_hparams() if placebo else {}
+    return {**unmirrored, **common, **settings.trainer_hparams.get(trainer, {}), **zeroed, **seeded}
 
 
 def prepare(settings: Settings, log=print) -> tuple[Context, list[Run]]:
@@ -309,18 +331,28 @@ def prepare(settings: Settings, log=print) -> tuple[Context, list[Run]]:
     has_unlabeled = any((raw / "imagesUnlabeled").glob("*" + ending))
 
     plans_identifier = _ensure_preprocessed(settings, name, pp, len(train_all), log)
-    # the bounds of every seed first: the gap they show decides whether comparing methods makes sense at all
-    runs = []
-    if settings.bounds:
-        for seed in settings.seeds:
-            runs += [Run(LOWER, BASELINE, k, seed) for k in counts] + [Run(UPPER, BASELINE, None, seed)]
-    runs += [Run(SSL, t, k, seed) for seed in settings.seeds for k in counts for t in trainers]
+    runs = plan_runs(settings, trainers, counts, log)
     class_names = {str(v): k for k, v in dataset_json["labels"].items() if k != "background"}
     populations = {s["case"]: s["source"] for s in cohort.get("subjects", []) if s["case"] in test}
     ctx = Context(int(name[7:10]), name, raw, pp, plans_identifier, train, val, pool, test, has_unlabeled,
                   class_names, populations)
     _check_work_dir(settings, ctx)
     return ctx, runs
+
+
+def plan_runs(settings: Settings, trainers: list[str], counts: list[int], log=print) -> list[Run]:
+    """The runs in order: the bounds of every seed first (the gap they show decides whether comparing methods makes
+    sense at all), then per seed and labeled count each trainer, followed by its placebo with ``--placebo``."""
+    runs = []
+    if settings.bounds:
+        for seed in settings.seeds:
+            runs += [Run(LOWER, BASELINE, k, seed) for k in counts] + [Run(UPPER, BASELINE, None, seed)]
+    with_placebo = placebos(settings, trainers)
+    if settings.placebo and len(with_placebo) < len(trainers):
+        log(f"no placebo for {', '.join(t for t in trainers if t not in with_placebo)}: its unlabeled images enter "
+            f"through no weighted loss (e.g. as pseudo-labeled training cases); it runs without one")
+    return runs + [Run(role, t, k, seed) for seed in settings.seeds for k in counts for t in trainers
+                   for role in ((SSL, PLACEBO) if t in with_placebo else (SSL,))]
 
 
 def _ensure_preprocessed(settings: Settings, name: str, pp: Path, n_cases: int, log) -> str:
@@ -414,9 +446,9 @@ def setup_env(settings: Settings, ctx: Context, run: Run) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- one run
-def fold_folder(settings: Settings, ctx: Context, root: Path, trainer: str) -> Path:
-    return root / "nnUNet_results" / ctx.name / f"{trainer}__{ctx.plans_identifier}__{settings.configuration}" / \
-        "fold_0"
+def fold_folder(settings: Settings, ctx: Context, root: Path, run: Run) -> Path:
+    return root / run.results_folder / ctx.name / f"{run.trainer}__{ctx.plans_identifier}__{settings.configuration}" \
+        / "fold_0"
 
 
 def metrics_file(settings: Settings, run: Run) -> Path:
@@ -463,9 +495,9 @@ def execute(settings: Settings, ctx: Context, run: Run, log=print) -> bool | Non
 
 def _execute(settings: Settings, ctx: Context, run: Run, out: Path, log) -> bool:
     root = setup_env(settings, ctx, run)
-    hparams = hparams_for(settings, run.trainer, run.seed)
-    env = _env(root, hparams, settings.augmentation_workers)
-    fold = fold_folder(settings, ctx, root, run.trainer)
+    hparams = hparams_for(settings, run.trainer, run.seed, placebo=run.role == PLACEBO)
+    env = _env(root, hparams, settings.augmentation_workers, run.results_folder)
+    fold = fold_folder(settings, ctx, root, run)
     logs = root / "logs"
     pred = root / f"pred_{run.name}"
     if not (fold / "checkpoint_final.pth").is_file():
@@ -592,7 +624,7 @@ def collect(work_dir: Path) -> list[dict]:
 
 def _method_order(results: list[dict]) -> list[str]:
     roles = {r["method"]: r["role"] for r in results}
-    rank = {LOWER: 0, SSL: 1, UPPER: 2}
+    rank = {LOWER: 0, SSL: 1, PLACEBO: 1, UPPER: 2}  # a placebo right after its trainer ("X" < "X (placebo)")
     return sorted(roles, key=lambda m: (rank[roles[m]], m))
 
 
@@ -692,7 +724,10 @@ def gain_interval(gains: list[float], level: float = 0.95) -> tuple[float, float
         return None
     from scipy import stats
 
-    low, high = stats.t.interval(level, len(gains) - 1, loc=np.mean(gains), scale=stats.sem(gains))
+    mean, sem = float(np.mean(gains)), float(stats.sem(gains))
+    if sem == 0:  # the same gain in every seed (scipy's interval would be NaN)
+        return mean, mean
+    low, high = stats.t.interval(level, len(gains) - 1, loc=mean, scale=sem)
     return float(low), float(high)
 
 
@@ -705,10 +740,23 @@ def bound_gaps(summary: list[dict]) -> tuple[dict | None, list[tuple[dict, float
     return upper, [(r, upper["Dice mean"] - r["Dice mean"]) for r in summary if r["role"] == LOWER]
 
 
+def _gain_text(gains: dict[int, float], reference: str, gap: float | None = None) -> str:
+    """'+x Dice points over <reference> (95% confidence interval), share of the gap; above it in n of m seed(s)'."""
+    gain = float(np.mean(list(gains.values())))
+    interval = gain_interval(list(gains.values()))
+    ci = f" (95% confidence interval {100 * interval[0]:+.1f} to {100 * interval[1]:+.1f})" if interval else ""
+    closed = f", {100 * gain / gap:.0f}% of the gap closed" if gap is not None and abs(gap) > 1e-9 else ""
+    per_seed = ", ".join(f"{100 * g:+.1f}" for g in gains.values())
+    return (f"{100 * gain:+.1f} Dice points over {reference}{ci}{closed}; above it in "
+            f"{sum(g > 0 for g in gains.values())} of {len(gains)} seed(s) (seeds {', '.join(map(str, gains))}: "
+            f"{per_seed})")
+
+
 def gap_lines(summary: list[dict]) -> list[str]:
-    """The gap between the bounds and, per semi-supervised trainer, its gain over the lower bound with the 95%
-    confidence interval of that mean and the share of the gap it closes, all paired by seed (only the seeds the
-    trainer, the lower and the upper bound all ran)."""
+    """The gap between the bounds and, per semi-supervised trainer (and placebo), its gain over the lower bound with
+    the 95% confidence interval of that mean and the share of the gap it closes, all paired by seed (only the seeds
+    the trainer, the lower and the upper bound all ran); for a trainer whose placebo ran, its gain over the placebo
+    too (paired by the seeds both ran)."""
     upper, bounds = bound_gaps(summary)
     lines = []
     for lower, gap in bounds:
@@ -716,20 +764,19 @@ def gap_lines(summary: list[dict]) -> list[str]:
                      f"(lower {lower['Dice mean']:.3f} ± {lower['Dice mean std']:.3f}, upper "
                      f"{upper['Dice mean']:.3f} ± {upper['Dice mean std']:.3f}; mean over seeds ± std).")
         gaps = _paired(upper, lower)
-        for r in summary:
-            if r["role"] != SSL or r["num_labeled"] != lower["num_labeled"]:
+        same_count = {r["method"]: r for r in summary if r["num_labeled"] == lower["num_labeled"]}
+        for r in same_count.values():
+            if r["role"] not in (SSL, PLACEBO):
                 continue
             gains = {s: g for s, g in _paired(r, lower).items() if s in gaps}
             if not gains:
                 continue
-            gain, seed_gap = float(np.mean(list(gains.values()))), float(np.mean([gaps[s] for s in gains]))
-            closed = f", {100 * gain / seed_gap:.0f}% of the gap closed" if abs(seed_gap) > 1e-9 else ""
-            per_seed = ", ".join(f"{100 * g:+.1f}" for g in gains.values())
-            interval = gain_interval(list(gains.values()))
-            ci = f" (95% confidence interval {100 * interval[0]:+.1f} to {100 * interval[1]:+.1f})" if interval else ""
-            lines.append(f"  - {r['method']}: {100 * gain:+.1f} Dice points over the lower bound{ci}{closed}; above "
-                         f"it in {sum(g > 0 for g in gains.values())} of {len(gains)} seed(s) (seeds "
-                         f"{', '.join(map(str, gains))}: {per_seed}).")
+            seed_gap = float(np.mean([gaps[s] for s in gains]))
+            lines.append(f"  - {r['method']}: {_gain_text(gains, 'the lower bound', seed_gap)}.")
+            placebo = same_count.get(placebo_method(r["method"])) if r["role"] == SSL else None
+            over_placebo = _paired(r, placebo) if placebo is not None else {}
+            if over_placebo:
+                lines.append(f"    - over its placebo: {_gain_text(over_placebo, 'the placebo')}.")
     return lines
 
 
@@ -752,7 +799,7 @@ def plots(results: list[dict], summary: list[dict], out: Path) -> list[Path]:
             ax.scatter([i] * len(seeds), seeds, s=14, color="grey", zorder=2)
             ax.errorbar([i], [row["Dice mean"]], yerr=[0 if not np.isfinite(row["Dice mean std"])
                                                        else row["Dice mean std"]],
-                        fmt="o", color="C0" if row["role"] == SSL else "C3", capsize=4, zorder=3)
+                        fmt="o", color={SSL: "C0", PLACEBO: "C1"}.get(row["role"], "C3"), capsize=4, zorder=3)
         ax.set_xticks(range(len(shown)), shown, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("test Dice (mean over foreground classes)")
         ax.set_title(f"{k} labeled" if k is not None else "")
@@ -828,7 +875,14 @@ def write_report(settings: Settings, ctx: Context) -> Path | None:
             ("- cells: mean ± standard deviation over seeds of the test-set mean (NaN-skipping); HD95 and ASD in mm "
              "(an empty prediction or reference counts as the image diagonal); s/iteration: median epoch wall time "
              "/ iterations per epoch; peak memory: CUDA peak allocated on a GPU, else peak resident set size of the "
-             "training process"), "", markdown_table(summary, ctx.class_names), "", *gap_lines(summary), ""]
+             "training process")]
+    placebo_trainers = sorted({r["trainer"] for r in results if r["role"] == PLACEBO})
+    if placebo_trainers:
+        classes = trainer_classes()
+        zeroed = "; ".join(f"{t}: {', '.join(classes[t].placebo_hparams())}" for t in placebo_trainers)
+        text.append(f"- `(placebo)`: the trainer with the weights of its unsupervised losses at 0 ({zeroed}): the same "
+                    "training and unlabeled batches, but no loss reads an unlabeled image")
+    text += ["", markdown_table(summary, ctx.class_names), "", *gap_lines(summary), ""]
     by_population = population_table(results, ctx.test_populations, ctx.class_names)
     if by_population:
         text += [("Per test population (the source anatomy of each test subject, from `cohort.json`): mean ± "
@@ -923,6 +977,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trainers", nargs="*", default=None, help="semi-supervised trainers (default: every one of "
                                                                "the registry; none: only the bounds)")
     p.add_argument("--no-bounds", action="store_true", help="skip the lower and upper bound")
+    p.add_argument("--placebo", action="store_true",
+                   help="also train each trainer's placebo: the same trainer with the weights of its unsupervised "
+                        "losses at 0, so no loss reads an unlabeled image; the report gives each trainer's gain "
+                        "over its placebo (one more run per trainer, labeled count and seed)")
     p.add_argument("--hparams", type=_json_arg, default=None,
                    help="JSON object or file: schedule (and shared hyper-parameters) for every trainer")
     p.add_argument("--trainer-hparams", action="append", default=[], metavar="TRAINER=JSON",
@@ -969,7 +1027,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         feature_scale=pick(args.feature_scale, "feature_scale", None),
         device=pick(args.device, "device", "cuda" if torch.cuda.is_available() else "cpu"),
         seeds=pick(args.seeds, "seeds", [0, 1, 2]), num_labeled=num_labeled or [], fractions=args.fraction or [],
-        trainers=args.trainers, bounds=not args.no_bounds, hparams=pick(args.hparams, "hparams", {}),
+        trainers=args.trainers, bounds=not args.no_bounds, placebo=args.placebo,
+        hparams=pick(args.hparams, "hparams", {}),
         trainer_hparams=trainer_hparams, disable_tta=bool(pick(args.disable_tta, "disable_tta", False)),
         save_probabilities=not args.no_probabilities, seed_training=not args.no_seed_training,
         augmentation_workers=pick(args.augmentation_workers, "augmentation_workers", None),

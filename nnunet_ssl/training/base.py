@@ -53,6 +53,11 @@ class SemiSupervisedTrainer(SupervisedTrainer):
     # False for methods that train on labeled (and pseudo-labeled) batches only: no unlabeled loader is built and
     # ``compute_losses`` gets ``data_unlabeled=None``; the unlabeled images are still checked and preprocessed.
     draws_unlabeled_batches: ClassVar[bool] = True
+    # The hyper-parameters that weight the method's unsupervised losses. All set to 0 they make its placebo: the same
+    # training (network, loaders, unlabeled batches, random streams) with no loss reading an unlabeled image, the
+    # control that tells a gain from the unlabeled data apart from one of the method's other changes
+    # (``nnunet_ssl benchmark --placebo``). Empty for a method whose unlabeled images enter otherwise.
+    unsupervised_weights: ClassVar[tuple[str, ...]] = ("consistency_weight",)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = CUDA):
@@ -63,6 +68,12 @@ class SemiSupervisedTrainer(SupervisedTrainer):
                              f"3d_lowres.")
         self.unlabeled_identifiers: list[str] = []
         self.dataloader_unlabeled = None
+
+    @classmethod
+    def placebo_hparams(cls) -> dict[str, float] | None:
+        """Hyper-parameters that turn the method into its placebo (``unsupervised_weights`` at 0); None if it has
+        none."""
+        return {name: 0.0 for name in cls.unsupervised_weights} or None
 
     # ---------------------------------------------------------------- schedule
     def unsupervised_weight(self) -> float:

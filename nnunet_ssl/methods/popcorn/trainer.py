@@ -99,6 +99,8 @@ class POPCORNTrainer(SemiSupervisedTrainer):
     hparam_spec: ClassVar[dict[str, HParam]] = POPCORN_HPARAMS
     extra_log_keys: ClassVar[tuple[str, ...]] = ("loss_segmentation", "loss_regularization", "pair_similarity")
     draws_unlabeled_batches: ClassVar[bool] = False  # it trains on labeled + pseudo-labeled batches
+    # its unlabeled images enter as pseudo-labeled training cases, not through a weighted loss: no placebo
+    unsupervised_weights: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = CUDA):

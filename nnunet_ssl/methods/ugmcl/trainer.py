@@ -277,6 +277,7 @@ class SignedDistanceMixin:
 
 class DTCTrainer(SignedDistanceMixin, ConsistencyTrainerBase):
     hparam_spec: ClassVar[dict[str, HParam]] = DTC_HPARAMS
+    unsupervised_weights: ClassVar[tuple[str, ...]] = ("cross_task_weight",)  # on every image by default
     extra_log_keys: ClassVar[tuple[str, ...]] = ("loss_supervised", "loss_sdf", "loss_cross_task",
                                                  "cross_task_weight")
 
@@ -296,6 +297,7 @@ class DTCTrainer(SignedDistanceMixin, ConsistencyTrainerBase):
 
 class UGMCLTrainer(SignedDistanceMixin, UAMTTrainer):
     hparam_spec: ClassVar[dict[str, HParam]] = UGMCL_HPARAMS
+    unsupervised_weights: ClassVar[tuple[str, ...]] = ("consistency_weight", "cross_task_weight")
     extra_log_keys: ClassVar[tuple[str, ...]] = ("loss_supervised", "loss_sdf", "loss_intra_task", "loss_cross_task",
                                                  "certain_fraction", "consistency_weight", "cross_task_weight")
 
