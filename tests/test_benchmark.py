@@ -292,8 +292,9 @@ def test_gain_paired_by_seed():
            "(seeds 1: -5.0)" in gap
 
 
-def test_population_table():
-    """Dice per test population: each population's cases alone, mean and std over seeds of the per-seed means."""
+def test_population_table_and_gains():
+    """Dice per test population: each population's cases alone, mean and std over seeds of the per-seed means; each
+    trainer's gain over the lower bound within each population, paired by seed."""
     def result(role, trainer, k, seed, a, b):  # case t0 (population "x"): Dice a for both classes; t1 ("y"): b
         return {"role": role, "trainer": trainer, "method": f"{role} ({trainer})" if role != bm.SSL else trainer,
                 "num_labeled": k, "seed": seed, "training": {},
@@ -302,16 +303,32 @@ def test_population_table():
 
     results = [result(bm.LOWER, "SupervisedTrainer", 2, 0, 0.5, 0.2), result(bm.LOWER, "SupervisedTrainer", 2, 1,
                                                                              0.7, 0.4),
-               result(bm.UPPER, "SupervisedTrainer", None, 0, 0.9, 0.8)]
-    table = bm.population_table(results, {"t0": "x", "t1": "y"}, {"1": "gm", "2": "wm"})
-    lines = table.splitlines()
+               result(bm.UPPER, "SupervisedTrainer", None, 0, 0.9, 0.8),
+               result(bm.UPPER, "SupervisedTrainer", None, 1, 0.9, 0.8),
+               # no gain on x; on y +10 and +20 points
+               result(bm.SSL, "MuSTTrainer", 2, 0, 0.5, 0.3), result(bm.SSL, "MuSTTrainer", 2, 1, 0.7, 0.6)]
+    classes = {"1": "gm", "2": "wm"}
+    per_population = bm.population_summaries(results, {"t0": "x", "t1": "y"}, classes)
+    lines = bm.population_table(per_population, classes).splitlines()
     assert lines[0] == ("| method | labeled | Dice gm, x | Dice wm, x | Dice mean, x | Dice gm, y | Dice wm, y | "
                         "Dice mean, y |")
     # lower bound: x 0.5 and 0.7 over the seeds -> 0.600 +- 0.141; y 0.2 and 0.4 -> 0.300 +- 0.141
     assert lines[2] == ("| lower bound (SupervisedTrainer) | 2 | 0.600 ± 0.141 | 0.600 ± 0.141 | 0.600 ± 0.141 | "
                         "0.300 ± 0.141 | 0.300 ± 0.141 | 0.300 ± 0.141 |")
-    assert lines[3] == "| upper bound (SupervisedTrainer) | all | 0.900 | 0.900 | 0.900 | 0.800 | 0.800 | 0.800 |"
-    assert bm.population_table(results, {"t0": "x", "t1": "x"}, {"1": "gm", "2": "wm"}) == ""  # one population
+    assert lines[3].startswith("| MuSTTrainer | 2 | 0.600 ± 0.141 |") and lines[3].endswith("| 0.450 ± 0.212 |")
+    assert lines[4].startswith("| upper bound (SupervisedTrainer) | all | 0.900 ± 0.000 |")
+    gains = bm.population_gap_lines(per_population)
+    # x: gap 0.9 - 0.6 = 30 points, MuST level in both seeds; y: gap 0.8 - 0.3 = 50 points, MuST +10 and +20:
+    # +15 (standard error 5, t(0.975, 1 dof) 12.706 -> -48.5 to +78.5), 30% of the gap
+    assert gains[0] == "- test population x:" and "upper − lower bound = 30.0 Dice points" in gains[1]
+    assert gains[2] == ("    - MuSTTrainer: +0.0 Dice points over the lower bound (95% confidence interval +0.0 to "
+                        "+0.0), 0% of the gap closed; above it in 0 of 2 seed(s) (seeds 0, 1: +0.0, +0.0).")
+    assert gains[3] == "- test population y:" and "upper − lower bound = 50.0 Dice points" in gains[4]
+    assert gains[5] == ("    - MuSTTrainer: +15.0 Dice points over the lower bound (95% confidence interval -48.5 to "
+                        "+78.5), 30% of the gap closed; above it in 2 of 2 seed(s) (seeds 0, 1: +10.0, +20.0).")
+    assert len(gains) == 6
+    assert bm.population_summaries(results, {"t0": "x", "t1": "x"}, classes) == {}  # one population
+    assert bm.population_table({}, classes) == "" and bm.population_gap_lines({}) == []
 
 
 def test_report_from_the_run_files_with_the_environment(tmp_path):
@@ -326,11 +343,16 @@ def test_report_from_the_run_files_with_the_environment(tmp_path):
         run = bm.Run(r["role"], r["trainer"], r["num_labeled"], r["seed"])
         (work / "runs" / run.env_name).mkdir(parents=True, exist_ok=True)
         (work / "runs" / run.env_name / f"metrics_{run.name}.json").write_text(json.dumps(r))
+    # t1, the only case of population "y", has no Dice (empty reference and prediction): nothing to compare there
     ctx = bm.Context(971, "Dataset971_Tiny", tmp_path, tmp_path, "nnUNetPlans", [], [], [], ["t0", "t1"], False,
-                     {"1": "gm", "2": "wm"})
+                     {"1": "gm", "2": "wm"}, {"t0": "x", "t1": "y"})
     report = bm.write_report(_settings(tmp_path), ctx)
     text = report.read_text()
     assert "| lower bound (SupervisedTrainer) | 2 | 1 | 0.500 |" in text
+    assert "| lower bound (SupervisedTrainer) | 2 | 0.500 | 0.700 | 0.600 | n/a | n/a | n/a |" in text
+    assert "- test population x:\n  - 2 labeled: upper − lower bound = 30.0 Dice points" in text
+    assert "    - MuSTTrainer: +10.0 Dice points over the lower bound, 33% of the gap closed" in text
+    assert "test population y" not in text
     assert f"torch {version('torch')}, nnunetv2 {version('nnunetv2')}, numpy {version('numpy')}" in text
     with open(work / "results.csv") as f:
         assert len(list(csv.DictReader(f))) == 9  # 3 runs x 3 case-class rows

@@ -630,7 +630,7 @@ def _method_order(results: list[dict]) -> list[str]:
 
 def summarise(results: list[dict], class_names: dict[str, str]) -> list[dict]:
     """One row per (method, labeled count): mean and standard deviation over seeds of the per-seed test-set means
-    (NaN-skipping, as nnU-Net's summary)."""
+    (NaN-skipping, as nnU-Net's summary; a seed without any finite value adds nothing)."""
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["method"], r["num_labeled"]), []).append(r)
@@ -643,9 +643,9 @@ def summarise(results: list[dict], class_names: dict[str, str]) -> list[dict]:
                 per_seed = {}
                 for r in sorted(runs, key=lambda r: r["seed"]):
                     vals = [c[metric] for c in r["cases"] if (cls == "mean" or c["class"] == cls)
-                            and c[metric] is not None]
-                    if vals:
-                        per_seed[r["seed"]] = float(np.nanmean(vals))
+                            and c[metric] is not None and np.isfinite(c[metric])]
+                    if vals:  # a seed with no finite value (every reference and prediction empty) has no mean
+                        per_seed[r["seed"]] = float(np.mean(vals))
                 if per_seed:
                     key = f"{metric} {class_names.get(cls, cls)}"
                     values = list(per_seed.values())
@@ -688,15 +688,23 @@ def markdown_table(summary: list[dict], class_names: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def population_table(results: list[dict], populations: dict[str, str], class_names: dict[str, str]) -> str:
-    """Dice per class and mean, per test population (e.g. the cohort's source anatomy of each test subject): the
-    summary of ``summarise`` over each population's cases alone. Empty with fewer than two populations."""
+def population_summaries(results: list[dict], populations: dict[str, str],
+                         class_names: dict[str, str]) -> dict[str, list[dict]]:
+    """Per test population (e.g. the cohort's source anatomy of each test subject), ``summarise`` over that
+    population's cases alone; empty with fewer than two populations."""
     names = sorted(set(populations.values()))
     if len(names) < 2:
+        return {}
+    return {n: summarise([{**res, "cases": [c for c in res["cases"] if populations.get(c["case"]) == n]}
+                          for res in results], class_names) for n in names}
+
+
+def population_table(per_population: dict[str, list[dict]], class_names: dict[str, str]) -> str:
+    """Dice per class and mean, per test population (``population_summaries``); empty without populations."""
+    if not per_population:
         return ""
-    per_population = {n: {(r["method"], r["num_labeled"]): r for r in summarise(
-        [{**res, "cases": [c for c in res["cases"] if populations.get(c["case"]) == n]} for res in results],
-        class_names)} for n in names}
+    names = list(per_population)
+    per_population = {n: {(r["method"], r["num_labeled"]): r for r in rows} for n, rows in per_population.items()}
     columns = [*class_names.values(), "mean"]
     head = ["method", "labeled"] + [f"Dice {c}, {n}" for n in names for c in columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -711,7 +719,7 @@ def population_table(results: list[dict], populations: dict[str, str], class_nam
 
 def _paired(row: dict, reference: dict) -> dict[int, float]:
     """Per seed that both rows ran: row's test-set mean Dice minus reference's."""
-    a, b = row["Dice mean per seed"], reference["Dice mean per seed"]
+    a, b = row.get("Dice mean per seed", {}), reference.get("Dice mean per seed", {})
     return {s: a[s] - b[s] for s in sorted(set(a) & set(b))}
 
 
@@ -733,11 +741,11 @@ def gain_interval(gains: list[float], level: float = 0.95) -> tuple[float, float
 
 def bound_gaps(summary: list[dict]) -> tuple[dict | None, list[tuple[dict, float]]]:
     """The upper bound's row (None without one) and, per lower-bound row, that row with upper − lower mean Dice
-    (an empty list without an upper bound)."""
-    upper = next((r for r in summary if r["role"] == UPPER), None)
+    (an empty list without an upper bound); rows without any Dice (every case empty) are left out."""
+    upper = next((r for r in summary if r["role"] == UPPER and "Dice mean" in r), None)
     if upper is None:
         return None, []
-    return upper, [(r, upper["Dice mean"] - r["Dice mean"]) for r in summary if r["role"] == LOWER]
+    return upper, [(r, upper["Dice mean"] - r["Dice mean"]) for r in summary if r["role"] == LOWER and "Dice mean" in r]
 
 
 def _gain_text(gains: dict[int, float], reference: str, gap: float | None = None) -> str:
@@ -777,6 +785,17 @@ def gap_lines(summary: list[dict]) -> list[str]:
             over_placebo = _paired(r, placebo) if placebo is not None else {}
             if over_placebo:
                 lines.append(f"    - over its placebo: {_gain_text(over_placebo, 'the placebo')}.")
+    return lines
+
+
+def population_gap_lines(per_population: dict[str, list[dict]]) -> list[str]:
+    """``gap_lines`` within each test population: a trainer's gain can sit in one population (say, the anatomy
+    only the unlabeled images show) and vanish in the mean over all test cases."""
+    lines = []
+    for name, summary in per_population.items():
+        within = gap_lines(summary)
+        if within:
+            lines += [f"- test population {name}:", *[f"  {line}" for line in within]]
     return lines
 
 
@@ -883,10 +902,11 @@ def write_report(settings: Settings, ctx: Context) -> Path | None:
         text.append(f"- `(placebo)`: the trainer with the weights of its unsupervised losses at 0 ({zeroed}): the same "
                     "training and unlabeled batches, but no loss reads an unlabeled image")
     text += ["", markdown_table(summary, ctx.class_names), "", *gap_lines(summary), ""]
-    by_population = population_table(results, ctx.test_populations, ctx.class_names)
-    if by_population:
+    per_population = population_summaries(results, ctx.test_populations, ctx.class_names)
+    if per_population:
         text += [("Per test population (the source anatomy of each test subject, from `cohort.json`): mean ± "
-                  "standard deviation over seeds of the population's test-set mean."), "", by_population, ""]
+                  "standard deviation over seeds of the population's test-set mean."), "",
+                 population_table(per_population, ctx.class_names), "", *population_gap_lines(per_population), ""]
     text += [*[f"![{f.stem}]({f.name})" for f in figures], ""]
     write_text_atomic("\n".join(text), out / "benchmark.md")
     return out / "benchmark.md"
