@@ -4,6 +4,7 @@ rounds with pseudo-labels from nnU-Net's predictor, state that survives interrup
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,6 +145,11 @@ def test_selection_round_integrates_k_cases(demo, make):
 
     trainer.current_epoch = 1
     record = trainer.selection_round()
+    # each label's share of the annotated voxels of the round's pseudo-labels, counted with numpy
+    segs = [np.asarray(trainer.store.load(c)[0][:]) for c in record["selected"]]
+    annotated = sum(int((seg >= 0).sum()) for seg in segs)
+    assert record["label_shares"] == {str(v): pytest.approx(sum(int((seg == v).sum()) for seg in segs) / annotated,
+                                                            abs=1e-5) for v in (1, 2)}
     # eq. 6-7 recomputed with numpy: Euclidean distances to the 4 labeled cases, p = 5 > 4 -> the sum of all
     scores = {u: sum(np.linalg.norm(reps[u].astype(np.float64) - reps[t]) for t in labeled) for u in unlabeled}
     ranking = sorted(unlabeled, key=lambda u: (scores[u], u))
@@ -221,6 +227,40 @@ def test_interrupted_round_leaves_a_consistent_state(demo, make, monkeypatch):
     other.load_extra_checkpoint_state(state)
     with pytest.raises(HParamError, match="unlabeled images changed"):
         other.prepare_unlabeled_data()
+
+
+def test_round_warns_when_pseudo_labels_miss_a_class(demo, make, monkeypatch):
+    """A model that has not learned a class yet leaves it out of its pseudo-labels: the round says so in the log,
+    with the shares and the setting to change."""
+    trainer = make(demo, {"num_epochs": 4, "selection_size": 2})
+    trainer.unlabeled_identifiers = trainer.prepare_unlabeled_data()
+    trainer.dataloader_train = trainer.get_paired_training_dataloader()
+    write = trainer.store.write
+
+    def without_label_2(case, seg, *args, **kwargs):
+        write(case, np.where(seg == 2, 0, seg), *args, **kwargs)
+
+    monkeypatch.setattr(trainer.store, "write", without_label_2)
+    trainer.current_epoch = 1
+    record = trainer.selection_round()
+    assert record["label_shares"]["2"] == 0.0 and record["label_shares"]["1"] > 0
+    labeled = [np.asarray(trainer.labeled_images().load_case(c)[1][:]) for c in trainer.do_split()[0]]
+    shares = {v: sum(int((s == v).sum()) for s in labeled) / sum(int((s >= 0).sum()) for s in labeled) for v in (1, 2)}
+    log = Path(trainer.log_file).read_text()
+    name = next(k for k, v in trainer.dataset_json["labels"].items() if v == 2)
+    assert (f"POPCORN warning: in round 1's pseudo-labels {name} makes 0.0% of the annotated voxels against "
+            f"{100 * shares[2]:.1f}% in the labeled cases") in log
+    assert "first_step_epochs, now 1" in log and log.count("POPCORN warning") == 1  # label 1 is not short
+
+    def every_label(case, seg, *args, **kwargs):  # 0, 1, 2 in turn inside the mask: a third each
+        cycle = (np.arange(seg.size).reshape(seg.shape) % 3).astype(seg.dtype)
+        write(case, np.where(seg >= 0, cycle, seg), *args, **kwargs)
+
+    monkeypatch.setattr(trainer.store, "write", every_label)  # both labels as common as in the labeled cases
+    assert max(shares.values()) < 2 / 3
+    trainer.current_epoch = 2
+    trainer.selection_round()
+    assert Path(trainer.log_file).read_text().count("POPCORN warning") == 1
 
 
 def test_bad_settings_fail_before_training(demo, make):

@@ -19,6 +19,7 @@ from nnunet_ssl.training.pseudo_labels import (
     PseudoLabeledDataset,
     PseudoLabelStore,
     inference_mode,
+    label_shares,
     make_predictor,
     predict_logits,
     predict_logits_mirrored,
@@ -27,6 +28,7 @@ from nnunet_ssl.training.pseudo_labels import (
     segmentation_dice,
     segmentation_from_logits,
     sliding_window_tiles,
+    underrepresented_labels,
 )
 from nnunet_ssl.training.supervised import SupervisedTrainer
 
@@ -153,6 +155,19 @@ def test_sliding_window_tiles_are_the_predictors_tiles(trainer, shape):
         assert all(t.shape[0] <= batch_size for t in tiles)
         assert torch.equal(torch.cat(tiles), fed)  # same tiles, same order, same padding
     assert fed.shape[2:] == tuple(trainer.configuration_manager.patch_size)
+
+
+def test_label_shares_by_hand():
+    # 8 voxels inside the mask over two maps (-1 outside), label 3 ignored: label 1 3 of 6, label 2 1 of 6
+    a = np.array([[0, 1, 1, -1, 3]])
+    b = np.array([[[0, 2], [1, 3]]])
+    assert label_shares([a, b], [1, 2], ignore_label=3) == pytest.approx({1: 3 / 6, 2: 1 / 6})
+    # without an ignore label 3 is annotated background: 1 3 of 8
+    assert label_shares([a, b], [1, 2]) == pytest.approx({1: 3 / 8, 2: 1 / 8})
+    assert label_shares([np.full((2, 2), -1)], [1, 2]) == {1: 0.0, 2: 0.0}  # nothing annotated
+    # label 2: 0.05 against 0.2 -> under half; label 1: 0.3 against 0.4 -> not; label 3 absent from the reference
+    assert underrepresented_labels({1: 0.4, 2: 0.2, 3: 0.0}, {1: 0.3, 2: 0.05, 3: 0.0}) == [2]
+    assert underrepresented_labels({1: 0.4}, {}) == [1]
 
 
 def test_segmentation_dice_by_hand():

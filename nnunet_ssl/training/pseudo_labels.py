@@ -18,7 +18,9 @@ the current model and train on them later. Shared here:
   pseudo-labeled ones), which nnU-Net's data loader reads like its own dataset;
 - agreement of two predictions for pseudo-label filters: ``predict_logits_mirrored`` (the same sliding window on the
   image mirrored along the inference mirroring axes, mirrored back), ``segmentation_dice`` (mean Dice of two label
-  maps over labels or regions) and ``predict_pseudo_labels_with_agreement``.
+  maps over labels or regions) and ``predict_pseudo_labels_with_agreement``;
+- ``label_shares`` and ``underrepresented_labels``: each label's share of the annotated voxels, to compare
+  pseudo-labels with the labeled cases (a class the model has not learned yet is missing from its pseudo-labels).
 """
 
 from __future__ import annotations
@@ -145,6 +147,25 @@ def class_locations(seg: np.ndarray, label_manager: LabelManager) -> dict:
     if label_manager.has_ignore_label:
         collect.append([-1] + label_manager.all_labels)
     return DefaultPreprocessor._sample_foreground_locations(seg, collect)
+
+
+# ---------------------------------------------------------------- label shares
+def label_shares(segs: Iterable[np.ndarray], labels: Sequence[int], ignore_label: int | None = None) -> dict[int, float]:
+    """Share of each of ``labels`` among the annotated voxels of all ``segs`` together: voxels >= 0 (-1 is outside
+    nnU-Net's nonzero mask) that do not carry ``ignore_label``. 0 for every label when nothing is annotated."""
+    counts = np.zeros(max([*labels, 0]) + 1, dtype=np.int64)
+    annotated = 0
+    for seg in segs:
+        values = np.asarray(seg[:]).ravel()
+        values = values[(values >= 0) & (values != (-1 if ignore_label is None else ignore_label))]
+        annotated += values.size
+        counts += np.bincount(values[values < counts.size].astype(np.int64), minlength=counts.size)
+    return {int(v): float(counts[v] / annotated) if annotated else 0.0 for v in labels}
+
+
+def underrepresented_labels(reference: dict[int, float], shares: dict[int, float], ratio: float = 0.5) -> list[int]:
+    """Labels present in ``reference`` whose share in ``shares`` is below ``ratio`` times their reference share."""
+    return [v for v, r in reference.items() if r > 0 and shares.get(v, 0.0) < ratio * r]
 
 
 # ---------------------------------------------------------------- storage

@@ -57,9 +57,11 @@ from nnunet_ssl.training.pseudo_labels import (
     PseudoLabeledDataset,
     PseudoLabelStore,
     inference_mode,
+    label_shares,
     make_predictor,
     predict_pseudo_labels,
     sliding_window_tiles,
+    underrepresented_labels,
 )
 from nnunet_ssl.training.supervised import CUDA
 
@@ -114,6 +116,7 @@ class POPCORNTrainer(SemiSupervisedTrainer):
         self.schedule: Schedule | None = None
         self.rounds: list[dict[str, Any]] = []
         self._restored: dict[str, Any] | None = None
+        self._labeled_shares: dict[int, float] | None = None
 
     @staticmethod
     def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -348,6 +351,8 @@ class POPCORNTrainer(SemiSupervisedTrainer):
         cases = [remaining[i] for i in chosen]
         encoded = time.perf_counter()
         self.predict_pseudo_labels(cases)
+        seconds_pseudo_labels = time.perf_counter() - encoded
+        shares = self.pseudo_label_shares(cases)
         record = {
             "round": number,
             "epoch": self.current_epoch,
@@ -355,8 +360,9 @@ class POPCORNTrainer(SemiSupervisedTrainer):
             "candidates": len(remaining),
             "selected": cases,
             "scores": [float(scores[i]) for i in chosen],
+            "label_shares": {str(v): round(x, 5) for v, x in shares.items()},
             "seconds_representations": round(encoded - start, 3),
-            "seconds_pseudo_labels": round(time.perf_counter() - encoded, 3),
+            "seconds_pseudo_labels": round(seconds_pseudo_labels, 3),
         }
         self.rounds.append(record)
         self.write_state_log()
@@ -365,5 +371,40 @@ class POPCORNTrainer(SemiSupervisedTrainer):
             f"pseudo-labeled ({record['seconds_representations']:.1f} s for {len(training) + len(remaining)} latent "
             f"representations, {record['seconds_pseudo_labels']:.1f} s for the pseudo-labels): "
             f"{', '.join(f'{c} ({s:.4g})' for c, s in zip(cases, record['scores']))}")
+        self.check_label_shares(number, shares)
         self.restart_training_dataloader()
         return record
+
+    def _label_names(self) -> dict[int, str]:
+        lm = self.label_manager
+        names = {} if lm.has_regions else {v: k for k, v in lm.label_dict.items() if isinstance(v, int)}
+        return {v: names.get(v, f"label {v}") for v in lm.all_labels}
+
+    def pseudo_label_shares(self, cases: list[str]) -> dict[int, float]:
+        """Each foreground label's share of the annotated voxels of these cases' pseudo-labels (label values; for
+        region-based datasets the values regions are mapped back to)."""
+        lm = self.label_manager
+        labels = [v for v in lm.all_labels if v != 0 and v != lm.ignore_label]
+        return label_shares((self.store.load(c)[0] for c in cases), labels, lm.ignore_label)
+
+    def check_label_shares(self, number: int, shares: dict[int, float]) -> None:
+        """Warn when a class is much rarer in this round's pseudo-labels than in the labeled cases: every
+        pseudo-label is the current model's prediction, so a class the first step has not learned yet is missing
+        from them and POPCORN then trains on its absence (README, POPCORNTrainer)."""
+        lm = self.label_manager
+        if self._labeled_shares is None:
+            labeled = self.labeled_images()
+            self._labeled_shares = label_shares((labeled.load_case(c)[1] for c in self.do_split()[0]), list(shares),
+                                                lm.ignore_label)
+        names = self._label_names()
+        rare = underrepresented_labels(self._labeled_shares, shares)
+        if not rare:
+            return
+        labeled = self._labeled_shares
+        found = "; ".join(f"{names[v]} makes {100 * shares[v]:.1f}% of the annotated voxels against "
+                          f"{100 * labeled[v]:.1f}% in the labeled cases" for v in rare)
+        self.print_to_log_file(
+            f"POPCORN warning: in round {number}'s pseudo-labels {found}. The model may not have learned the "
+            f"class(es) yet, and these pseudo-labels teach it to miss them (unless the unlabeled images hold less "
+            f"of them). If their validation pseudo Dice is low, train again with a longer first step "
+            f"(first_step_epochs, now {self.schedule.first_step_epochs}, in nnUNet_ssl_hparams).")
