@@ -208,3 +208,31 @@ def test_agreement_of_plain_and_mirrored_predictions(demo, trainer, tmp_path):
         assert agreement[case] == pytest.approx(segmentation_dice(plain, segmentation_from_logits(mirrored, lm,
                                                                                                   nonzero), lm))
         assert 0.0 <= agreement[case] <= 1.0
+
+
+def test_pseudo_label_quality_example_by_hand(tmp_path, capsys):
+    """examples/pseudo_label_quality.py: per round, each label's share in the pseudo-labels and the references and
+    the Dice of the round's cases together; a case without a reference stops with its name."""
+    import blosc2
+    import pseudo_label_quality
+
+    fold, ref = tmp_path / "fold_0", tmp_path / "reference"
+    (fold / "popcorn_pseudo_labels").mkdir(parents=True)
+    ref.mkdir()
+    maps = {"u0": (np.array([[0, 1, 1, 2, -1]]), np.array([[0, 1, 0, 2, -1]])),  # (pseudo-label, reference)
+            "u1": (np.array([[1, 0, 0, 0, 0]]), np.array([[1, 2, 2, 0, 0]]))}
+    for case, (pseudo, reference) in maps.items():
+        blosc2.asarray(pseudo, urlpath=str(fold / "popcorn_pseudo_labels" / f"{case}_seg.b2nd"), mode="w")
+        blosc2.asarray(reference, urlpath=str(ref / f"{case}_seg.b2nd"), mode="w")
+    state = {"rounds": [{"round": 1, "epoch": 3, "selected": [{"case": "u0"}]},
+                        {"round": 2, "epoch": 5, "selected": [{"case": "u1"}]}]}
+    (fold / "popcorn_state.json").write_text(json.dumps(state))
+    pseudo_label_quality.main(fold, ref)
+    lines = capsys.readouterr().out.splitlines()
+    # u0: 4 annotated voxels; label 1 pseudo 2 of 4, reference 1 of 4, overlap 1 -> Dice 2/3; label 2 1 of 4 both
+    assert lines[1] == "round 1 (epoch 3) | 1 | 0.500 / 0.250 | 0.667 | 0.250 / 0.250 | 1.000"
+    # u1: label 1 1 of 5 in both (Dice 1); label 2 absent from the pseudo-label, 2 of 5 in the reference -> Dice 0
+    assert lines[2] == "round 2 (epoch 5) | 1 | 0.200 / 0.200 | 1.000 | 0.000 / 0.400 | 0.000"
+    (ref / "u1_seg.b2nd").unlink()
+    with pytest.raises(SystemExit, match=r"no reference label map for \['u1'\]"):
+        pseudo_label_quality.main(fold, ref)
