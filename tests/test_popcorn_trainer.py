@@ -231,36 +231,49 @@ def test_interrupted_round_leaves_a_consistent_state(demo, make, monkeypatch):
 
 def test_round_warns_when_pseudo_labels_miss_a_class(demo, make, monkeypatch):
     """A model that has not learned a class yet leaves it out of its pseudo-labels: the round says so in the log,
-    with the shares and the setting to change."""
-    trainer = make(demo, {"num_epochs": 4, "selection_size": 2})
+    with the cases, the shares and, in round 1, the setting to change."""
+    trainer = make(demo, {"num_epochs": 5, "selection_size": 1})  # rounds at epochs 1 to 4
     trainer.unlabeled_identifiers = trainer.prepare_unlabeled_data()
     trainer.dataloader_train = trainer.get_paired_training_dataloader()
     write = trainer.store.write
 
-    def without_label_2(case, seg, *args, **kwargs):
-        write(case, np.where(seg == 2, 0, seg), *args, **kwargs)
+    def cycling(labels):  # pseudo-labels with the given labels in turn inside the mask, whatever the model predicts
+        def write_cycle(case, seg, *args, **kwargs):
+            cycle = np.asarray(labels, dtype=seg.dtype)[np.arange(seg.size).reshape(seg.shape) % len(labels)]
+            write(case, np.where(seg >= 0, cycle, seg), *args, **kwargs)
+        return write_cycle
 
-    monkeypatch.setattr(trainer.store, "write", without_label_2)
+    monkeypatch.setattr(trainer.store, "write", cycling([0, 1]))  # label 1 half the voxels, label 2 none
     trainer.current_epoch = 1
     record = trainer.selection_round()
-    assert record["label_shares"]["2"] == 0.0 and record["label_shares"]["1"] > 0
+    assert record["label_shares"] == {"1": pytest.approx(0.5, abs=0.01), "2": 0.0}
     labeled = [np.asarray(trainer.labeled_images().load_case(c)[1][:]) for c in trainer.do_split()[0]]
     shares = {v: sum(int((s == v).sum()) for s in labeled) / sum(int((s >= 0).sum()) for s in labeled) for v in (1, 2)}
     log = Path(trainer.log_file).read_text()
     name = next(k for k, v in trainer.dataset_json["labels"].items() if v == 2)
-    assert (f"POPCORN warning: in round 1's pseudo-labels {name} makes 0.0% of the annotated voxels against "
-            f"{100 * shares[2]:.1f}% in the labeled cases") in log
+    assert (f"POPCORN warning: in round 1's pseudo-labels ({', '.join(record['selected'])}) {name} makes 0.0% of "
+            f"the annotated voxels against {100 * shares[2]:.1f}% in the labeled cases") in log
     assert "first_step_epochs, now 1" in log and log.count("POPCORN warning") == 1  # label 1 is not short
 
-    def every_label(case, seg, *args, **kwargs):  # 0, 1, 2 in turn inside the mask: a third each
-        cycle = (np.arange(seg.size).reshape(seg.shape) % 3).astype(seg.dtype)
-        write(case, np.where(seg >= 0, cycle, seg), *args, **kwargs)
-
-    monkeypatch.setattr(trainer.store, "write", every_label)  # both labels as common as in the labeled cases
-    assert max(shares.values()) < 2 / 3
-    trainer.current_epoch = 2
+    trainer.current_epoch = 2  # still short: the model has not learned it since the first step
     trainer.selection_round()
-    assert Path(trainer.log_file).read_text().count("POPCORN warning") == 1
+    log = Path(trainer.log_file).read_text()
+    assert log.count("POPCORN warning") == 2 and "yet (short in every round): if" in log
+
+    # a third of the voxels each: both labels at least half as common as in the labeled cases
+    assert max(shares.values()) < 2 / 3
+    monkeypatch.setattr(trainer.store, "write", cycling([0, 1, 2]))
+    trainer.current_epoch = 3
+    trainer.selection_round()
+    assert Path(trainer.log_file).read_text().count("POPCORN warning") == 2
+
+    monkeypatch.setattr(trainer.store, "write", cycling([0, 1]))  # short again after a good round: not the first step
+    trainer.current_epoch = 4
+    fourth = trainer.selection_round()
+    log = Path(trainer.log_file).read_text()
+    assert log.count("POPCORN warning") == 3 and log.count("first_step_epochs, now") == 2
+    assert f"in round 4's pseudo-labels ({fourth['selected'][0]}) {name} makes 0.0%" in log
+    assert "carry the model's errors on images unlike the labeled ones" in log
 
 
 def test_bad_settings_fail_before_training(demo, make):

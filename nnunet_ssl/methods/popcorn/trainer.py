@@ -371,7 +371,7 @@ class POPCORNTrainer(SemiSupervisedTrainer):
             f"pseudo-labeled ({record['seconds_representations']:.1f} s for {len(training) + len(remaining)} latent "
             f"representations, {record['seconds_pseudo_labels']:.1f} s for the pseudo-labels): "
             f"{', '.join(f'{c} ({s:.4g})' for c, s in zip(cases, record['scores']))}")
-        self.check_label_shares(number, shares)
+        self.check_label_shares(number, shares, cases)
         self.restart_training_dataloader()
         return record
 
@@ -387,24 +387,30 @@ class POPCORNTrainer(SemiSupervisedTrainer):
         labels = [v for v in lm.all_labels if v != 0 and v != lm.ignore_label]
         return label_shares((self.store.load(c)[0] for c in cases), labels, lm.ignore_label)
 
-    def check_label_shares(self, number: int, shares: dict[int, float]) -> None:
+    def check_label_shares(self, number: int, shares: dict[int, float], cases: list[str]) -> None:
         """Warn when a class is much rarer in this round's pseudo-labels than in the labeled cases: every
-        pseudo-label is the current model's prediction, so a class the first step has not learned yet is missing
-        from them and POPCORN then trains on its absence (README, POPCORNTrainer)."""
+        pseudo-label is the current model's prediction, so a class the first step has not learned yet (short in
+        every round from round 1 on), or one the model misses on images unlike the labeled ones (later rounds, which take the least
+        similar cases), is missing from them, and POPCORN then trains on its absence (README, POPCORNTrainer)."""
         lm = self.label_manager
         if self._labeled_shares is None:
             labeled = self.labeled_images()
             self._labeled_shares = label_shares((labeled.load_case(c)[1] for c in self.do_split()[0]), list(shares),
                                                 lm.ignore_label)
-        names = self._label_names()
-        rare = underrepresented_labels(self._labeled_shares, shares)
+        reference = self._labeled_shares
+        rare = underrepresented_labels(reference, shares)
         if not rare:
             return
-        labeled = self._labeled_shares
+        names = self._label_names()
         found = "; ".join(f"{names[v]} makes {100 * shares[v]:.1f}% of the annotated voxels against "
-                          f"{100 * labeled[v]:.1f}% in the labeled cases" for v in rare)
-        self.print_to_log_file(
-            f"POPCORN warning: in round {number}'s pseudo-labels {found}. The model may not have learned the "
-            f"class(es) yet, and these pseudo-labels teach it to miss them (unless the unlabeled images hold less "
-            f"of them). If their validation pseudo Dice is low, train again with a longer first step "
-            f"(first_step_epochs, now {self.schedule.first_step_epochs}, in nnUNet_ssl_hparams).")
+                          f"{100 * reference[v]:.1f}% in the labeled cases" for v in rare)
+        earlier = [{int(v): x for v, x in r.get("label_shares", {}).items()} for r in self.rounds[: number - 1]]
+        short_from_round_1 = [v for v in rare if all(v in underrepresented_labels(reference, e) for e in earlier)]
+        advice = (f"The model may not have learned the class(es) yet{'' if number == 1 else ' (short in every round)'}: "
+                  f"if their validation pseudo Dice is low, train again with a longer first step (first_step_epochs, "
+                  f"now {self.schedule.first_step_epochs}, in nnUNet_ssl_hparams)." if short_from_round_1 else
+                  "The model predicts less of the class(es) on these images than the labeled cases hold: unless the "
+                  "images hold less of them, their pseudo-labels carry the model's errors on images unlike the "
+                  "labeled ones.")
+        self.print_to_log_file(f"POPCORN warning: in round {number}'s pseudo-labels ({', '.join(cases)}) {found}. "
+                               f"{advice}")
