@@ -50,12 +50,12 @@ def main(fold: Path, reference: Path) -> None:
     if missing:
         sys.exit(f"{reference}: no reference label map for {missing[:5]}{' ...' if len(missing) > 5 else ''}; give "
                  f"the preprocessed folder (same plans and configuration) of a dataset where these cases are labeled")
-    labels = sorted({int(v) for _, folder, cs in found for c in cs for v in np.unique(load(reference / f"{c}{SEG_SUFFIX}"))
-                     if v > 0})
+    references = {c: load(reference / f"{c}{SEG_SUFFIX}") for c in sorted(cases)}
+    labels = sorted({int(v) for seg in references.values() for v in np.unique(seg) if v > 0})
     print("round | cases | " + " | ".join(f"label {v} share (pseudo / reference) | Dice {v}" for v in labels))
     for name, folder, cs in found:
         pseudo = [load(folder / f"{c}{SEG_SUFFIX}") for c in cs]
-        ref = [load(reference / f"{c}{SEG_SUFFIX}") for c in cs]
+        ref = [references[c] for c in cs]
         shares, ref_shares = label_shares(pseudo, labels), label_shares(ref, labels)
         cells = []
         for v in labels:

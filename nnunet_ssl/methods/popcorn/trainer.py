@@ -390,8 +390,9 @@ class POPCORNTrainer(SemiSupervisedTrainer):
     def check_label_shares(self, number: int, shares: dict[int, float], cases: list[str]) -> None:
         """Warn when a class is much rarer in this round's pseudo-labels than in the labeled cases: every
         pseudo-label is the current model's prediction, so a class the first step has not learned yet (short in
-        every round from round 1 on), or one the model misses on images unlike the labeled ones (later rounds, which take the least
-        similar cases), is missing from them, and POPCORN then trains on its absence (README, POPCORNTrainer)."""
+        every round from round 1 on), or one the model misses on images unlike the labeled ones (later rounds,
+        which take the least similar cases), is missing from them, and POPCORN then trains on its absence (README,
+        POPCORNTrainer). Rounds recorded without shares (checkpoints from before this check) count as not short."""
         lm = self.label_manager
         if self._labeled_shares is None:
             labeled = self.labeled_images()
@@ -404,7 +405,8 @@ class POPCORNTrainer(SemiSupervisedTrainer):
         names = self._label_names()
         found = "; ".join(f"{names[v]} makes {100 * shares[v]:.1f}% of the annotated voxels against "
                           f"{100 * reference[v]:.1f}% in the labeled cases" for v in rare)
-        earlier = [{int(v): x for v, x in r.get("label_shares", {}).items()} for r in self.rounds[: number - 1]]
+        earlier = [{int(v): x for v, x in r["label_shares"].items()} if "label_shares" in r else reference
+                   for r in self.rounds[: number - 1]]
         short_from_round_1 = [v for v in rare if all(v in underrepresented_labels(reference, e) for e in earlier)]
         advice = (f"The model may not have learned the class(es) yet{'' if number == 1 else ' (short in every round)'}: "
                   f"if their validation pseudo Dice is low, train again with a longer first step (first_step_epochs, "
