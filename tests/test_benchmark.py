@@ -21,6 +21,7 @@ from conftest import SHORT
 
 from nnunet_ssl.data.labeled_fraction import make_labeled_fraction
 from nnunet_ssl.evaluation import benchmark as bm
+from nnunet_ssl.evaluation import report
 
 
 def _settings(tmp_path, **kw) -> bm.Settings:
@@ -194,11 +195,11 @@ def test_gain_over_the_placebo_paired_by_seed():
               [_result(bm.SSL, "MeanTeacherTrainer", 2, s, (d, d), 3.0) for s, d in ((0, 0.66), (1, 0.64), (2, 0.62))] + \
               [_result(bm.PLACEBO, "MeanTeacherTrainer", 2, s, (d, d), 3.0) for s, d in ((0, 0.65), (1, 0.65))] + \
               [_result(bm.SSL, "MuSTTrainer", 2, s, (0.7, 0.7), 3.0) for s in (0, 1, 2)]
-    summary = bm.summarise(results, {"1": "gm", "2": "wm"})
+    summary = report.summarise(results, {"1": "gm", "2": "wm"})
     assert [r["method"] for r in summary] == [
         "lower bound (SupervisedTrainer)", "MeanTeacherTrainer", "MeanTeacherTrainer (placebo)", "MuSTTrainer",
         "upper bound (SupervisedTrainer)"]
-    lines = bm.gap_lines(summary)
+    lines = report.gap_lines(summary)
     # MeanTeacher +4 points over the lower bound (20% of the 20-point gap); its placebo +5, over seeds 0 and 1;
     # MeanTeacher over its placebo, seeds 0 and 1: +1 and -1 -> 0 (t(0.975, 1) 12.706 x standard error 1 point)
     # MeanTeacher: gains 6, 4, 2 points, standard error 1.155, t(0.975, 2 dof) 4.303 -> 4 -+ 4.97
@@ -230,7 +231,7 @@ def test_summary_table_and_gap():
                _result(bm.SSL, "MuSTTrainer", 2, 1, (0.7, 0.9), 3.0),
                _result(bm.UPPER, "SupervisedTrainer", None, 0, (0.9, 0.9), 1.0),
                _result(bm.UPPER, "SupervisedTrainer", None, 1, (0.8, 1.0), 1.0)]
-    summary = bm.summarise(results, {"1": "gm", "2": "wm"})
+    summary = report.summarise(results, {"1": "gm", "2": "wm"})
     assert [r["method"] for r in summary] == ["lower bound (SupervisedTrainer)", "MuSTTrainer",
                                               "upper bound (SupervisedTrainer)"]
     lower = summary[0]
@@ -239,15 +240,15 @@ def test_summary_table_and_gap():
                                                                                                        ddof=1))
     assert lower["Dice mean"] == pytest.approx(np.mean([0.6, 0.6]))  # seed means over both classes: 0.6, 0.6
     assert lower["HD95 wm"] == pytest.approx(5.0)
-    table = bm.markdown_table(summary, {"1": "gm", "2": "wm"})
+    table = report.markdown_table(summary, {"1": "gm", "2": "wm"})
     assert "| lower bound (SupervisedTrainer) | 2 | 2 | 0.550 ± 0.071 |" in table
     assert "| upper bound (SupervisedTrainer) | all | 2 |" in table and "ECE" not in table  # no probabilities
     # the ECE is the case's foreground ECE, repeated in every class row: one column, not one per class
     with_ece = [{**r, "cases": [{**c, "ECE": 0.1 * (1 + r["seed"])} for c in r["cases"]]} for r in results]
-    head = bm.markdown_table(bm.summarise(with_ece, {"1": "gm", "2": "wm"}), {"1": "gm", "2": "wm"}).split("\n")
+    head = report.markdown_table(report.summarise(with_ece, {"1": "gm", "2": "wm"}), {"1": "gm", "2": "wm"}).split("\n")
     assert head[0].count("ECE") == 1 and "| ECE foreground | s/iteration |" in head[0]
     assert head[2].endswith("| 0.150 ± 0.071 | 0.500 | 100 |")
-    gap = "\n".join(bm.gap_lines(summary))
+    gap = "\n".join(report.gap_lines(summary))
     # upper 0.9, lower 0.6: 30 points; MuST 0.75: +15 points, half the gap
     assert "30.0 Dice points" in gap and "MuSTTrainer: +15.0 Dice points" in gap and "50% of the gap" in gap
     assert "above it in 2 of 2 seed(s) (seeds 0, 1: +10.0, +20.0)" in gap
@@ -260,21 +261,21 @@ def test_gap_warning_names_the_count_and_the_unrounded_gap():
         return {"role": role, "num_labeled": k, "Dice mean": dice}
     upper = row(bm.UPPER, None, 0.731)
     # 0.731 - 0.6312 = 9.98 points: under the aim, though "10.0" to one decimal
-    warning = bm.gap_warning([row(bm.LOWER, 3, 0.6312), row(bm.LOWER, 1, 0.55), upper])
+    warning = report.gap_warning([row(bm.LOWER, 3, 0.6312), row(bm.LOWER, 1, 0.55), upper])
     assert warning.startswith("warning: the upper bound beats the lower bound by less than 10 Dice points")
     assert "(9.98 points with 3 labeled)" in warning and "1 labeled" not in warning  # 18.1 points: not named
-    assert bm.gap_warning([row(bm.LOWER, 3, 0.631), upper]) is None  # exactly 10 points
-    assert bm.gap_warning([row(bm.LOWER, 3, 0.6312)]) is None  # no upper bound: nothing to compare
-    assert "30.00 points with 2 labeled" in bm.gap_warning([row(bm.LOWER, 2, 0.5), row(bm.UPPER, None, 0.8)],
+    assert report.gap_warning([row(bm.LOWER, 3, 0.631), upper]) is None  # exactly 10 points
+    assert report.gap_warning([row(bm.LOWER, 3, 0.6312)]) is None  # no upper bound: nothing to compare
+    assert "30.00 points with 2 labeled" in report.gap_warning([row(bm.LOWER, 2, 0.5), row(bm.UPPER, None, 0.8)],
                                                            aim=0.5)
 
 
 def test_gain_interval_is_students_t_over_the_seeds():
     # mean 0.01, sd 0.03, standard error 0.03 / sqrt(3) = 0.01732; t(0.975, 2 dof) = 4.3027 -> half-width 0.07452
-    low, high = bm.gain_interval([0.01, -0.02, 0.04])
+    low, high = report.gain_interval([0.01, -0.02, 0.04])
     assert low == pytest.approx(0.01 - 0.074524, abs=1e-5) and high == pytest.approx(0.01 + 0.074524, abs=1e-5)
-    assert bm.gain_interval([0.05]) is None  # one seed: no interval
-    assert bm.gain_interval([0.05, 0.05]) == pytest.approx((0.05, 0.05))  # no spread: width 0
+    assert report.gain_interval([0.05]) is None  # one seed: no interval
+    assert report.gain_interval([0.05, 0.05]) == pytest.approx((0.05, 0.05))  # no spread: width 0
 
 
 def test_gain_paired_by_seed():
@@ -284,9 +285,9 @@ def test_gain_paired_by_seed():
                _result(bm.UPPER, "SupervisedTrainer", None, 0, (0.9, 0.9), 1.0),
                _result(bm.UPPER, "SupervisedTrainer", None, 1, (0.9, 0.9), 1.0),
                _result(bm.SSL, "UAMTTrainer", 2, 1, (0.75, 0.75), 3.0)]
-    summary = bm.summarise(results, {"1": "gm", "2": "wm"})
+    summary = report.summarise(results, {"1": "gm", "2": "wm"})
     assert summary[0]["Dice mean per seed"] == {0: pytest.approx(0.4), 1: pytest.approx(0.8)}
-    gap = "\n".join(bm.gap_lines(summary))
+    gap = "\n".join(report.gap_lines(summary))
     # seed 1 only: 0.75 - 0.8 = -5 points of a 10-point gap (unpaired it would be +15 of 30)
     assert "UAMTTrainer: -5.0 Dice points over the lower bound, -50% of the gap closed; above it in 0 of 1 seed(s) " \
            "(seeds 1: -5.0)" in gap
@@ -308,8 +309,8 @@ def test_population_table_and_gains():
                # no gain on x; on y +10 and +20 points
                result(bm.SSL, "MuSTTrainer", 2, 0, 0.5, 0.3), result(bm.SSL, "MuSTTrainer", 2, 1, 0.7, 0.6)]
     classes = {"1": "gm", "2": "wm"}
-    per_population = bm.population_summaries(results, {"t0": "x", "t1": "y"}, classes)
-    lines = bm.population_table(per_population, classes).splitlines()
+    per_population = report.population_summaries(results, {"t0": "x", "t1": "y"}, classes)
+    lines = report.population_table(per_population, classes).splitlines()
     assert lines[0] == ("| method | labeled | Dice gm, x | Dice wm, x | Dice mean, x | Dice gm, y | Dice wm, y | "
                         "Dice mean, y |")
     # lower bound: x 0.5 and 0.7 over the seeds -> 0.600 +- 0.141; y 0.2 and 0.4 -> 0.300 +- 0.141
@@ -317,7 +318,7 @@ def test_population_table_and_gains():
                         "0.300 ± 0.141 | 0.300 ± 0.141 | 0.300 ± 0.141 |")
     assert lines[3].startswith("| MuSTTrainer | 2 | 0.600 ± 0.141 |") and lines[3].endswith("| 0.450 ± 0.212 |")
     assert lines[4].startswith("| upper bound (SupervisedTrainer) | all | 0.900 ± 0.000 |")
-    gains = bm.population_gap_lines(per_population)
+    gains = report.population_gap_lines(per_population)
     # x: gap 0.9 - 0.6 = 30 points, MuST level in both seeds; y: gap 0.8 - 0.3 = 50 points, MuST +10 and +20:
     # +15 (standard error 5, t(0.975, 1 dof) 12.706 -> -48.5 to +78.5), 30% of the gap
     assert gains[0] == "- test population x:" and "upper − lower bound = 30.0 Dice points" in gains[1]
@@ -327,8 +328,8 @@ def test_population_table_and_gains():
     assert gains[5] == ("    - MuSTTrainer: +15.0 Dice points over the lower bound (95% confidence interval -48.5 to "
                         "+78.5), 30% of the gap closed; above it in 2 of 2 seed(s) (seeds 0, 1: +10.0, +20.0).")
     assert len(gains) == 6
-    assert bm.population_summaries(results, {"t0": "x", "t1": "x"}, classes) == {}  # one population
-    assert bm.population_table({}, classes) == "" and bm.population_gap_lines({}) == []
+    assert report.population_summaries(results, {"t0": "x", "t1": "x"}, classes) == {}  # one population
+    assert report.population_table({}, classes) == "" and report.population_gap_lines({}) == []
 
 
 def test_report_from_the_run_files_with_the_environment(tmp_path):
@@ -346,8 +347,8 @@ def test_report_from_the_run_files_with_the_environment(tmp_path):
     # t1, the only case of population "y", has no Dice (empty reference and prediction): nothing to compare there
     ctx = bm.Context(971, "Dataset971_Tiny", tmp_path, tmp_path, "nnUNetPlans", [], [], [], ["t0", "t1"], False,
                      {"1": "gm", "2": "wm"}, {"t0": "x", "t1": "y"})
-    report = bm.write_report(_settings(tmp_path), ctx)
-    text = report.read_text()
+    md = bm.write_report(_settings(tmp_path), ctx)
+    text = md.read_text()
     assert "| lower bound (SupervisedTrainer) | 2 | 1 | 0.500 |" in text
     assert "| lower bound (SupervisedTrainer) | 2 | 0.500 | 0.700 | 0.600 | n/a | n/a | n/a |" in text
     assert "- test population x:\n  - 2 labeled: upper − lower bound = 30.0 Dice points" in text
@@ -370,7 +371,7 @@ def test_dice_against_labeled_count_plot_has_whole_case_ticks(tmp_path, monkeypa
     results = [_result(bm.LOWER, "SupervisedTrainer", k, seed, (0.5 + 0.05 * k, 0.6), 4.0)
                for k in (1, 3) for seed in (0, 1)]
     results += [_result(bm.UPPER, "SupervisedTrainer", None, seed, (0.9, 0.9), 1.0) for seed in (0, 1)]
-    written = bm.plots(results, bm.summarise(results, {"1": "gm", "2": "wm"}), tmp_path)
+    written = report.plots(results, report.summarise(results, {"1": "gm", "2": "wm"}), tmp_path)
     assert [p.name for p in written] == ["dice_per_trainer.png", "dice_vs_labeled.png"]
     assert ticks[-1] == [[1, 3]]  # the labeled counts, not 1.25, 1.5, ...
 
