@@ -2,8 +2,9 @@
 per-population tables and the plots, from the ``metrics_*.json`` files that ``benchmark.py`` writes per run.
 
 Each metrics file holds one run (``method``, ``role``, ``trainer``, ``num_labeled``, ``seed``, ``training`` cost and
-per case and class ``Dice``, ``HD95``, ``ASD``, ``ECE``); everything here is a pure function of those rows, so the
-report can be rebuilt from stored runs.
+per case and class ``Dice``, ``HD95``, ``ASD``, ``ECE``). The summaries, gains and tables are pure functions of
+those rows, so a report can be rebuilt from stored runs; ``collect`` reads the files, ``plots`` and ``write_csv``
+write whole files (temporary file, then rename), ``environment`` names the processor and package versions.
 """
 
 from __future__ import annotations
