@@ -267,7 +267,7 @@ def test_gap_warning_names_the_count_and_the_unrounded_gap():
     assert report.gap_warning([row(bm.LOWER, 3, 0.631), upper]) is None  # exactly 10 points
     assert report.gap_warning([row(bm.LOWER, 3, 0.6312)]) is None  # no upper bound: nothing to compare
     assert "30.00 points with 2 labeled" in report.gap_warning([row(bm.LOWER, 2, 0.5), row(bm.UPPER, None, 0.8)],
-                                                           aim=0.5)
+                                                               aim=0.5)
 
 
 def test_gain_interval_is_students_t_over_the_seeds():

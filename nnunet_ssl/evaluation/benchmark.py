@@ -668,8 +668,6 @@ def write_report(settings: Settings, ctx: Context) -> Path | None:
     return out / "benchmark.md"
 
 
-
-
 # ---------------------------------------------------------------------------------------------- entry point
 def _log(message: str) -> None:
     print(message, flush=True)
