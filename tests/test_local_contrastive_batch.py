@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5 import nnUNetTrainerDA5
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from nnunet_ssl.methods.local_contrastive.batch import (
@@ -18,14 +19,14 @@ from nnunet_ssl.methods.local_contrastive.batch import (
     segmentation_target,
 )
 from nnunet_ssl.methods.local_contrastive.schedule import PseudoLabelSchedule
-from nnunet_ssl.methods.local_contrastive.trainer import LocalContrastiveTrainer
 from nnunet_ssl.training.hparams import HParamError
 
 LABELS_IGNORE = LabelManager({"background": 0, "organ": 1, "lesion": 2, "ignore": 3}, regions_class_order=None)
 REGIONS_IGNORE = LabelManager({"background": 0, "organ": [1, 2], "lesion": 2, "ignore": 3}, regions_class_order=[1, 2])
 
 
-def _pipeline(lm: LabelManager, trainer_cls):
+def _pipeline(lm: LabelManager, trainer_cls=nnUNetTrainer):
+    """nnU-Net's training pipeline (of ``trainer_cls``: nnUNetTrainer's or nnUNetTrainerDA5's augmentation)."""
     return trainer_cls.get_training_transforms(
         (12, 12, 12), (-0.5, 0.5), [[1, 1, 1], [0.5, 0.5, 0.5]], (0, 1, 2), False, use_mask_for_norm=[True],
         is_cascaded=False, foreground_labels=lm.foreground_labels,
@@ -39,8 +40,9 @@ def _run(transforms, image, seg, seed):
     return transforms(image=image.clone(), segmentation=seg.clone())
 
 
+@pytest.mark.parametrize("augmentation", [nnUNetTrainer, nnUNetTrainerDA5], ids=["default", "da5"])
 @pytest.mark.parametrize("lm", [LABELS_IGNORE, REGIONS_IGNORE], ids=["labels", "regions"])
-def test_outside_label_through_nnunet_pipeline(lm):
+def test_outside_label_through_nnunet_pipeline(lm, augmentation):
     g = torch.Generator().manual_seed(0)
     seg = torch.randint(0, 4, (1, 16, 16, 16), generator=g).to(torch.int16)
     seg[:, :5] = -1  # outside the nonzero mask, as nnU-Net's preprocessing writes it
@@ -49,8 +51,8 @@ def test_outside_label_through_nnunet_pipeline(lm):
     outside = outside_label(lm.foreground_labels, lm.ignore_label)
     assert outside == 4  # one above the ignore label
     for seed in range(4):
-        ours = _run(_pipeline(lm, LocalContrastiveTrainer), image, seg, seed)
-        nnunet = _run(_pipeline(lm, nnUNetTrainer), image, seg, seed)
+        ours = _run(keep_outside_label(_pipeline(lm, augmentation), outside, lm.has_regions), image, seg, seed)
+        nnunet = _run(_pipeline(lm, augmentation), image, seg, seed)
         assert torch.equal(ours["image"], nnunet["image"])  # the same random augmentation
         for t_ours, t_nnunet in zip(ours["segmentation"], nnunet["segmentation"]):  # every deep-supervision scale
             restored = segmentation_target(t_ours[None], outside, lm.has_regions)[0]
@@ -69,7 +71,7 @@ def test_outside_label_through_nnunet_pipeline(lm):
 
 
 def test_keep_outside_label_rejects_unknown_pipelines():
-    transforms = _pipeline(LABELS_IGNORE, nnUNetTrainer)
+    transforms = _pipeline(LABELS_IGNORE)
     transforms.transforms = [t for t in transforms.transforms if type(t).__name__ != "RemoveLabelTransform"]
     with pytest.raises(RuntimeError, match="not supported"):
         keep_outside_label(transforms, 4, False)

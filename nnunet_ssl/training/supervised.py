@@ -4,6 +4,8 @@ Training is exactly ``nnUNetTrainer``'s (same network, loss, augmentation, optim
 
 - hyper-parameters from ``nnUNet_ssl_hparams`` (the schedule here; methods add their own), validated in
   ``__init__`` before anything runs, written to ``ssl_hparams.json`` in the fold folder and to checkpoints;
+- the choice of nnU-Net's augmentation (``augmentation``: ``nnUNetTrainer``'s or ``nnUNetTrainerDA5``'s) for every
+  training pipeline a trainer builds;
 - the labeled-fraction file: cases declared unlabeled for the fold are removed from the labeled set, so this
   trainer is the supervised baseline on *the same labeled cases* as the semi-supervised ones;
 - checkpoints written atomically (temporary file, then rename) with an extra ``nnunet_ssl`` entry for
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 from batchgenerators.utilities.file_and_folder_operations import isfile, join
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5 import nnUNetTrainerDA5
 from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
@@ -48,6 +51,8 @@ from nnunet_ssl.training.hparams import (
 from nnunet_ssl.training.logging import SSLLocalLogger
 
 CUDA = torch.device("cuda")  # nnU-Net's default device, a module constant for the signature
+# nnU-Net's trainers whose augmentation the ``augmentation`` hyper-parameter selects (their two augmentation hooks)
+AUGMENTATIONS: dict[str, type[nnUNetTrainer]] = {"default": nnUNetTrainer, "da5": nnUNetTrainerDA5}
 
 SCHEDULE_HPARAMS: dict[str, HParam] = {
     "num_epochs": HParam(1000, int, "Training epochs (nnU-Net's default 1000).", low=1),
@@ -65,6 +70,10 @@ SCHEDULE_HPARAMS: dict[str, HParam] = {
                                         affects_training=False),
     "max_nonfinite_steps": HParam(10, int, "Stop training when this many iterations in a row have a non-finite loss "
                                            "or gradient (each is skipped: no parameter or teacher update).", low=1),
+    "augmentation": HParam("default", str, "Data augmentation of every training batch (labeled, unlabeled, "
+                                           "pseudo-labeled, pairs): 'default' is nnUNetTrainer's, 'da5' "
+                                           "nnUNetTrainerDA5's (more and stronger intensity and spatial transforms).",
+                           choices=tuple(AUGMENTATIONS)),
 }
 
 
@@ -97,6 +106,21 @@ class SupervisedTrainer(nnUNetTrainer):
         self.num_iterations_per_epoch = self.hparams["num_iterations_per_epoch"]
         self.num_val_iterations_per_epoch = self.hparams["num_val_iterations_per_epoch"]
         self.save_every = self.hparams["save_every"]
+
+    # ---------------------------------------------------------------- augmentation
+    # nnU-Net calls both hooks on the trainer; here they are instance methods so that the ``augmentation``
+    # hyper-parameter picks the nnU-Net trainer whose hooks run (every loader of the plugin builds its pipeline here)
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        return AUGMENTATIONS[self.hparams["augmentation"]].configure_rotation_dummyDA_mirroring_and_inital_patch_size(
+            self)
+
+    def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
+                                do_dummy_2d_data_aug, use_mask_for_norm=None, is_cascaded=False, foreground_labels=None,
+                                regions=None, ignore_label=None):
+        return AUGMENTATIONS[self.hparams["augmentation"]].get_training_transforms(
+            patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
+            use_mask_for_norm=use_mask_for_norm, is_cascaded=is_cascaded, foreground_labels=foreground_labels,
+            regions=regions, ignore_label=ignore_label)
 
     @staticmethod
     def seed_everything(seed: int) -> None:

@@ -1,0 +1,99 @@
+"""The ``augmentation`` hyper-parameter: nnUNetTrainerDA5's transforms for every training batch a trainer draws
+(labeled, unlabeled, pairs, pseudo-labeled), kept across ``--c`` and invisible to prediction."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHORT, make_trainer
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5 import nnUNetTrainerDA5
+
+from nnunet_ssl.trainers import TRAINERS
+from nnunet_ssl.training.hparams import HParamError, resolve_hparams
+from nnunet_ssl.training.supervised import SCHEDULE_HPARAMS
+
+SOURCES = {"default": nnUNetTrainer, "da5": nnUNetTrainerDA5}
+
+
+def _record_pipelines(monkeypatch) -> dict[str, list]:
+    """Wrap both nnU-Net trainers' pipeline builders; returns the pipelines each one built, by augmentation name."""
+    built: dict[str, list] = {name: [] for name in SOURCES}
+    for name, cls in SOURCES.items():
+        original = cls.get_training_transforms
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            pipeline = _original(*args, **kwargs)
+            built[_name].append(pipeline)
+            return pipeline
+
+        monkeypatch.setattr(cls, "get_training_transforms", staticmethod(spy))
+    return built
+
+
+def _training_loaders(trainer) -> dict[str, object]:
+    """The trainer's training loaders (single-threaded: nnUNet_n_proc_DA=0), by attribute name."""
+    return {k: v for k, v in vars(trainer).items()
+            if k != "dataloader_val" and hasattr(getattr(v, "data_loader", None), "transforms")}
+
+
+@pytest.mark.parametrize("name, augmentation", [(n, "da5") for n in sorted(TRAINERS)]
+                         + [("POPCORNTrainer", "default"), ("MuSTTrainer", "default")])
+def test_every_training_loader_uses_the_chosen_augmentation(name, augmentation, demo, monkeypatch, tmp_path):
+    built = _record_pipelines(monkeypatch)
+    trainer = make_trainer(demo, name, monkeypatch, tmp_path / "results", {"augmentation": augmentation})
+    trainer.on_train_start()
+    try:
+        trainer.on_train_epoch_start()
+        for _ in range(2):  # LocalContrastiveTrainer (QUICK) starts its pseudo-labeled loader in the second
+            losses = trainer.train_step(next(trainer.dataloader_train))
+            assert all(np.isfinite(v) for v in losses.values() if np.ndim(v) == 0)
+        loaders = _training_loaders(trainer)
+        # POPCORN's unlabeled images enter as pseudo-labeled cases of its labeled (pair) loader
+        draws_unlabeled = name not in ("SupervisedTrainer", "POPCORNTrainer")
+        assert sorted(loaders) == ["dataloader_train"] + (["dataloader_unlabeled"] if draws_unlabeled else [])
+        other = next(n for n in SOURCES if n != augmentation)
+        assert not built[other]  # the other augmentation never built a pipeline
+        for loader in loaders.values():
+            assert any(loader.data_loader.transforms is p for p in built[augmentation])
+        # the initial (pre-rotation) patch size is the chosen augmentation's too (DA5 scales 0.7-1.43)
+        initial = SOURCES[augmentation].configure_rotation_dummyDA_mirroring_and_inital_patch_size(trainer)[2]
+        for loader in loaders.values():
+            assert list(loader.data_loader.patch_size[-len(initial):]) == list(initial)
+        labeled = loaders["dataloader_train"].data_loader.transforms.transforms
+        if name == "UGMCLTrainer":  # the method's own addition to the labeled pipeline stays
+            assert type(labeled[-1]).__name__ == "SignedDistanceTransform"
+        if name == "LocalContrastiveTrainer":  # outside-mask voxels keep their own label in DA5's pipeline too
+            removers = [t for t in labeled if type(t).__name__ == "RemoveLabelTransform" and t.label_value == -1]
+            assert len(removers) == 1 and removers[0].set_to == trainer.outside_value
+    finally:
+        if hasattr(trainer, "shutdown_unlabeled_dataloader"):
+            trainer.shutdown_unlabeled_dataloader()
+
+
+def test_unknown_augmentation_is_rejected_by_name():
+    with pytest.raises(HParamError, match=r"'augmentation' = 'DA5' is invalid: expected one of 'default', 'da5'"):
+        resolve_hparams(SCHEDULE_HPARAMS, "SupervisedTrainer", {"augmentation": "DA5"})
+
+
+@pytest.mark.slow
+def test_da5_training_resumes_with_da5_and_predicts(demo, tmp_path):
+    name, hp = "MeanTeacherTrainer", {**SHORT, "augmentation": "da5"}
+    args = ("nnUNetv2_train", str(demo.dataset_id), "2d", "0", "-tr", name, "-device", "cpu")
+    demo.run(*args, hparams=hp)
+    out = demo.results(name, "2d")
+    assert json.loads((out / "ssl_hparams.json").read_text())["hparams"]["augmentation"] == "da5"
+    assert torch.load(out / "checkpoint_final.pth", weights_only=False)["nnunet_ssl"]["hparams"]["augmentation"] == "da5"
+    # --c without the variable trains on with the checkpoint's augmentation; a different one is refused
+    refused = demo.run(*args, "--c", hparams={"augmentation": "default"}, check=False)
+    assert refused.returncode != 0 and "augmentation" in refused.stderr
+    demo.run(*args, "--c")
+    logs = sorted(out.glob("training_log_*.txt"), key=lambda p: p.stat().st_mtime)
+    assert "'augmentation': 'da5'" in logs[-1].read_text()
+    pred = tmp_path / "pred"
+    demo.run("nnUNetv2_predict", "-i", str(demo.raw / "imagesTs"), "-o", str(pred), "-d", str(demo.dataset_id),
+             "-c", "2d", "-tr", name, "-f", "0", "-device", "cpu", "--disable_tta")
+    assert sorted(p.name for p in pred.glob("*.nii.gz")) == sorted(p.name for p in (demo.raw / "labelsTs").iterdir())
