@@ -14,7 +14,7 @@ from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5
 
 from nnunet_ssl.trainers import TRAINERS
 from nnunet_ssl.training.hparams import HParamError, resolve_hparams
-from nnunet_ssl.training.supervised import SCHEDULE_HPARAMS
+from nnunet_ssl.training.supervised import SCHEDULE_HPARAMS, SupervisedTrainer
 
 SOURCES = {"default": nnUNetTrainer, "da5": nnUNetTrainerDA5}
 
@@ -97,3 +97,19 @@ def test_da5_training_resumes_with_da5_and_predicts(demo, tmp_path):
     demo.run("nnUNetv2_predict", "-i", str(demo.raw / "imagesTs"), "-o", str(pred), "-d", str(demo.dataset_id),
              "-c", "2d", "-tr", name, "-f", "0", "-device", "cpu", "--disable_tta")
     assert sorted(p.name for p in pred.glob("*.nii.gz")) == sorted(p.name for p in (demo.raw / "labelsTs").iterdir())
+
+
+class _SupervisedDA5Mixin(SupervisedTrainer, nnUNetTrainerDA5):  # nnU-Net's way: a variant mixed in by subclassing
+    pass
+
+
+def test_default_keeps_an_nnunet_variant_mixed_in(demo, monkeypatch, tmp_path):
+    built = _record_pipelines(monkeypatch)
+    make_trainer(demo, "SupervisedTrainer", monkeypatch, tmp_path / "results")  # the environment, then the variant
+    plans = {**json.loads((demo.pp / "nnUNetPlans.json").read_text()), "continue_training": False}
+    dataset_json = json.loads((demo.pp / "dataset.json").read_text())
+    trainer = _SupervisedDA5Mixin(plans, "2d", 0, dataset_json, torch.device("cpu"))
+    assert trainer.hparams["augmentation"] == "default"
+    trainer.on_train_start()
+    assert built["da5"] and not built["default"]
+    assert trainer.dataloader_train.data_loader.transforms is built["da5"][0]

@@ -109,15 +109,19 @@ class SupervisedTrainer(nnUNetTrainer):
 
     # ---------------------------------------------------------------- augmentation
     # nnU-Net calls both hooks on the trainer; here they are instance methods so that the ``augmentation``
-    # hyper-parameter picks the nnU-Net trainer whose hooks run (every loader of the plugin builds its pipeline here)
+    # hyper-parameter picks the nnU-Net trainer whose hooks run (every loader of the plugin builds its pipeline here).
+    # 'default' defers to the next class in the MRO, so a subclass mixing in an nnU-Net variant keeps its hooks.
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        if self.hparams["augmentation"] == "default":
+            return super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         return AUGMENTATIONS[self.hparams["augmentation"]].configure_rotation_dummyDA_mirroring_and_inital_patch_size(
             self)
 
     def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
                                 do_dummy_2d_data_aug, use_mask_for_norm=None, is_cascaded=False, foreground_labels=None,
                                 regions=None, ignore_label=None):
-        return AUGMENTATIONS[self.hparams["augmentation"]].get_training_transforms(
+        source = super() if self.hparams["augmentation"] == "default" else AUGMENTATIONS[self.hparams["augmentation"]]
+        return source.get_training_transforms(
             patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
             use_mask_for_norm=use_mask_for_norm, is_cascaded=is_cascaded, foreground_labels=foreground_labels,
             regions=regions, ignore_label=ignore_label)
