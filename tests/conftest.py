@@ -132,9 +132,9 @@ QUICK = {"POPCORNTrainer": {"num_epochs": 2}, "UGMCLTrainer": {"mc_passes": 2}, 
 
 
 def make_trainer(env: Env, name: str, monkeypatch, results: Path, hparams: dict | None = None,
-                 configuration: str = "2d"):
-    """An nnunet_ssl trainer built in the test process (CPU, single-threaded loaders), writing into ``results``,
-    with SHORT, QUICK and ``hparams``."""
+                 configuration: str = "2d", trainer_cls: type | None = None):
+    """An nnunet_ssl trainer (``trainer_cls``, by default the registry's ``name``) built in the test process (CPU,
+    single-threaded loaders), writing into ``results``, with SHORT, QUICK and ``hparams``."""
     from nnunet_ssl.trainers import TRAINERS
 
     for k, v in {**env.vars, "nnUNet_results": str(results), "nnUNet_n_proc_DA": "0"}.items():
@@ -142,7 +142,7 @@ def make_trainer(env: Env, name: str, monkeypatch, results: Path, hparams: dict 
     monkeypatch.setenv("nnUNet_ssl_hparams", json.dumps({**SHORT, **QUICK.get(name, {}), **(hparams or {})}))
     plans = {**json.loads((env.pp / "nnUNetPlans.json").read_text()), "continue_training": False}
     dataset_json = json.loads((env.pp / "dataset.json").read_text())
-    return TRAINERS[name](plans, configuration, 0, dataset_json, torch.device("cpu"))
+    return (trainer_cls or TRAINERS[name])(plans, configuration, 0, dataset_json, torch.device("cpu"))
 
 
 def first_losses(trainer, iterations: int) -> list[dict]:

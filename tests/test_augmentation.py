@@ -105,10 +105,8 @@ class _SupervisedDA5Mixin(SupervisedTrainer, nnUNetTrainerDA5):  # nnU-Net's way
 
 def test_default_keeps_an_nnunet_variant_mixed_in(demo, monkeypatch, tmp_path):
     built = _record_pipelines(monkeypatch)
-    make_trainer(demo, "SupervisedTrainer", monkeypatch, tmp_path / "results")  # the environment, then the variant
-    plans = {**json.loads((demo.pp / "nnUNetPlans.json").read_text()), "continue_training": False}
-    dataset_json = json.loads((demo.pp / "dataset.json").read_text())
-    trainer = _SupervisedDA5Mixin(plans, "2d", 0, dataset_json, torch.device("cpu"))
+    trainer = make_trainer(demo, "SupervisedTrainer", monkeypatch, tmp_path / "results",
+                           trainer_cls=_SupervisedDA5Mixin)
     assert trainer.hparams["augmentation"] == "default"
     trainer.on_train_start()
     assert built["da5"] and not built["default"]

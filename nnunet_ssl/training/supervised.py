@@ -51,8 +51,9 @@ from nnunet_ssl.training.hparams import (
 from nnunet_ssl.training.logging import SSLLocalLogger
 
 CUDA = torch.device("cuda")  # nnU-Net's default device, a module constant for the signature
-# nnU-Net's trainers whose augmentation the ``augmentation`` hyper-parameter selects (their two augmentation hooks)
-AUGMENTATIONS: dict[str, type[nnUNetTrainer]] = {"default": nnUNetTrainer, "da5": nnUNetTrainerDA5}
+# nnU-Net's variants whose two augmentation hooks the ``augmentation`` hyper-parameter can select instead of the
+# default ones (those of the next class in the MRO: nnUNetTrainer's, or a variant a subclass mixes in)
+AUGMENTATIONS: dict[str, type[nnUNetTrainer]] = {"da5": nnUNetTrainerDA5}
 
 SCHEDULE_HPARAMS: dict[str, HParam] = {
     "num_epochs": HParam(1000, int, "Training epochs (nnU-Net's default 1000).", low=1),
@@ -73,7 +74,7 @@ SCHEDULE_HPARAMS: dict[str, HParam] = {
     "augmentation": HParam("default", str, "Data augmentation of every training batch (labeled, unlabeled, "
                                            "pseudo-labeled, pairs): 'default' is nnUNetTrainer's, 'da5' "
                                            "nnUNetTrainerDA5's (more and stronger intensity and spatial transforms).",
-                           choices=tuple(AUGMENTATIONS)),
+                           choices=("default", *AUGMENTATIONS)),
 }
 
 
