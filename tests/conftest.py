@@ -42,11 +42,13 @@ class Env:
             "nnUNet_preprocessed": str(self.root / "pp"),
             "nnUNet_results": str(self.root / "results"),
             "nnUNet_extTrainer": str(trainers_path()),
-            "nnUNet_def_n_proc": "2",
+            # nnU-Net's final validation starts this many export processes, each importing torch and nnU-Net: one
+            # leaves the other core to the validation itself
+            "nnUNet_def_n_proc": "1",
             "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA", "2"),
             "nnUNet_compile": "false",
             # nnUNetv2_predict in the calling process (nnU-Net's sequential mode): its default worker processes
-            # cost about 14 s of start-up per call on 2 cores; test_end_to_end keeps them
+            # cost about 14 s of start-up per call on 2 cores; MuST's interruption test keeps one of each
             "nnUNet_npp": "0",
             "nnUNet_nps": "0",
         }
@@ -129,6 +131,20 @@ QUICK = {"POPCORNTrainer": {"num_epochs": 2}, "UGMCLTrainer": {"mc_passes": 2}, 
          # a pseudo-label refresh after the first iteration
          "LocalContrastiveTrainer": {"num_iterations_per_epoch": 4, "supervised_fraction": 0.25,
                                      "pseudo_label_rounds": 1, "refresh_every": 1}}
+
+
+def ece_15_bins(conf: np.ndarray, correct: np.ndarray) -> float:
+    """ECE with 15 equal-width confidence bins, written out independently of the package."""
+    total = 0.0
+    for m in range(15):
+        inside = (conf > m / 15) & (conf <= (m + 1) / 15) if m else (conf <= 1 / 15)
+        if inside.any():
+            total += inside.sum() / conf.size * abs(correct[inside].mean() - conf[inside].mean())
+    return total
+
+
+def read_image(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
 def make_trainer(env: Env, name: str, monkeypatch, results: Path, hparams: dict | None = None,

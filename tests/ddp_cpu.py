@@ -3,10 +3,11 @@
     python ddp_cpu.py SPEC.json
 
 SPEC: ``{"world_size": 2, "out": folder, "dataset": id, "runs": [{"trainer": name, "configuration": c,
-"hparams": {...}}, ...]}``. Each rank runs nnU-Net's ``run_ddp`` for every run in turn, with the three things that
-tie it to CUDA replaced: the process group uses gloo (a file store), the trainer's device is the CPU (nnU-Net sets
-``cuda:rank`` under DDP, and a CUDA grad scaler), and ``DistributedDataParallel`` gets no ``device_ids``. Everything
-else (batch split over ranks, loaders, training loop, checkpoints, final validation) is nnU-Net's and the plugin's.
+"hparams": {...}, "validate": true}, ...]}`` (``validate`` false: training ends without nnU-Net's final validation).
+Each rank runs nnU-Net's ``run_ddp`` for every run in turn, with the three things that tie it to CUDA replaced: the
+process group uses gloo (a file store), the trainer's device is the CPU (nnU-Net sets ``cuda:rank`` under DDP, and a
+CUDA grad scaler), and ``DistributedDataParallel`` gets no ``device_ids``. Everything else (batch split over ranks,
+loaders, training loop, checkpoints, final validation) is nnU-Net's and the plugin's.
 Each rank writes ``{out}/{trainer}_rank{r}.pt`` with what the test compares across ranks.
 """
 
@@ -34,6 +35,7 @@ def _rank(rank: int, spec: dict) -> None:
     record: dict = {}
     trainers: list = []
     store = [None]
+    validate = [True]
 
     run_training.setup_ddp = lambda r, w: dist.init_process_group(
         "gloo", init_method=f"file://{store[0]}", rank=r, world_size=w)
@@ -44,6 +46,8 @@ def _rank(rank: int, spec: dict) -> None:
     def get_trainer_on_cpu(*args, **kwargs):
         trainer = get_trainer(*args, **kwargs)
         trainer.device, trainer.grad_scaler = torch.device("cpu"), None
+        if not validate[0]:
+            trainer.perform_actual_validation = lambda *a, **k: None
         trainers.append(trainer)
         return trainer
     run_training.get_trainer_from_args = get_trainer_on_cpu
@@ -74,6 +78,7 @@ def _rank(rank: int, spec: dict) -> None:
 
     for i, run in enumerate(spec["runs"]):
         store[0] = os.path.join(spec["out"], f"store_{i}")
+        validate[0] = run.get("validate", True)
         os.environ["nnUNet_ssl_hparams"] = json.dumps(run["hparams"])
         record.clear()
         record.update(no_grad=set(), batch_sizes=[], unlabeled_batch_sizes=[], local_means=[])

@@ -1,14 +1,12 @@
 """The ``augmentation`` hyper-parameter: nnUNetTrainerDA5's transforms for every training batch a trainer draws
-(labeled, unlabeled, pairs, pseudo-labeled), kept across ``--c`` and invisible to prediction."""
+(labeled, unlabeled, pairs, pseudo-labeled). That ``--c`` keeps it, refuses another and that prediction is unaffected
+is checked on MeanTeacherTrainer in ``test_interruption.py``."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
-import torch
-from conftest import SHORT, make_trainer
+from conftest import make_trainer
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5 import nnUNetTrainerDA5
 
@@ -77,26 +75,6 @@ def test_every_training_loader_uses_the_chosen_augmentation(name, augmentation, 
 def test_unknown_augmentation_is_rejected_by_name():
     with pytest.raises(HParamError, match=r"'augmentation' = 'DA5' is invalid: expected one of 'default', 'da5'"):
         resolve_hparams(SCHEDULE_HPARAMS, "SupervisedTrainer", {"augmentation": "DA5"})
-
-
-@pytest.mark.slow
-def test_da5_training_resumes_with_da5_and_predicts(demo, tmp_path):
-    name, hp = "MeanTeacherTrainer", {**SHORT, "augmentation": "da5"}
-    args = ("nnUNetv2_train", str(demo.dataset_id), "2d", "0", "-tr", name, "-device", "cpu")
-    demo.run(*args, hparams=hp)
-    out = demo.results(name, "2d")
-    assert json.loads((out / "ssl_hparams.json").read_text())["hparams"]["augmentation"] == "da5"
-    assert torch.load(out / "checkpoint_final.pth", weights_only=False)["nnunet_ssl"]["hparams"]["augmentation"] == "da5"
-    # --c without the variable trains on with the checkpoint's augmentation; a different one is refused
-    refused = demo.run(*args, "--c", hparams={"augmentation": "default"}, check=False)
-    assert refused.returncode != 0 and "augmentation" in refused.stderr
-    demo.run(*args, "--c")
-    logs = sorted(out.glob("training_log_*.txt"), key=lambda p: p.stat().st_mtime)
-    assert "'augmentation': 'da5'" in logs[-1].read_text()
-    pred = tmp_path / "pred"
-    demo.run("nnUNetv2_predict", "-i", str(demo.raw / "imagesTs"), "-o", str(pred), "-d", str(demo.dataset_id),
-             "-c", "2d", "-tr", name, "-f", "0", "-device", "cpu", "--disable_tta")
-    assert sorted(p.name for p in pred.glob("*.nii.gz")) == sorted(p.name for p in (demo.raw / "labelsTs").iterdir())
 
 
 class _SupervisedDA5Mixin(SupervisedTrainer, nnUNetTrainerDA5):  # nnU-Net's way: a variant mixed in by subclassing

@@ -23,7 +23,8 @@ from nnunet_ssl.data.unlabeled import (
     preprocess_unlabeled,
     unlabeled_preprocessed_folder,
 )
-from nnunet_ssl.training.hparams import HParamError
+from nnunet_ssl.trainers import TRAINERS
+from nnunet_ssl.training.hparams import HParamError, resolve_hparams
 
 
 @pytest.fixture
@@ -245,15 +246,17 @@ def test_trainer_without_unlabeled_images_fails_before_training(demo, tmp_path, 
 
 
 def test_bad_hyper_parameters_fail_before_training(demo, tmp_path):
+    """Through nnU-Net's command line: the error, before the unlabeled images are preprocessed. A bad value fails the
+    same check (resolve_hparams, called by the trainer's __init__)."""
     copy = demo.copy(tmp_path)
     shutil.rmtree(unlabeled_preprocessed_folder(copy.pp, "nnUNetPlans_3d_fullres"), ignore_errors=True)
-    for hparams, message in (({"temprature": 0.5}, "unknown hyper-parameter(s) for MuSTTrainer: temprature"),
-                             ({"temperature": "hot"}, "'temperature' = 'hot' is invalid: expected a number")):
-        proc = copy.run("nnUNetv2_train", str(copy.dataset_id), "3d_fullres", "0", "-tr", "MuSTTrainer", "-device",
-                        "cpu", hparams=hparams, check=False)
-        assert proc.returncode != 0 and message in proc.stderr
-        assert HParamError.__name__ in proc.stderr
+    proc = copy.run("nnUNetv2_train", str(copy.dataset_id), "3d_fullres", "0", "-tr", "MuSTTrainer", "-device",
+                    "cpu", hparams={"temprature": 0.5}, check=False)
+    assert proc.returncode != 0 and "unknown hyper-parameter(s) for MuSTTrainer: temprature" in proc.stderr
+    assert HParamError.__name__ in proc.stderr
     assert not unlabeled_preprocessed_folder(copy.pp, "nnUNetPlans_3d_fullres").exists()
+    with pytest.raises(HParamError, match="'temperature' = 'hot' is invalid: expected a number"):
+        resolve_hparams(TRAINERS["MuSTTrainer"].hparam_spec, "MuSTTrainer", {"temperature": "hot"})
 
 
 def test_cli_check_and_preprocess(demo, tmp_path):
