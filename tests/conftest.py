@@ -147,6 +147,20 @@ def read_image(path: Path) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
 
+def folder_ece(pred: Path, ref: Path, cases: list[str], select) -> float:
+    """ECE (15 bins) of softmax probabilities saved as ``{pred}/{case}.npz`` against ``{ref}/{case}.nii.gz``,
+    pooled over ``cases``, on the voxels where ``select(reference, argmax)`` is true; written out independently of
+    the package."""
+    conf, correct = [], []
+    for case in cases:
+        probs = np.load(pred / f"{case}.npz")["probabilities"].astype(np.float64)
+        reference, seg = read_image(ref / f"{case}.nii.gz"), probs.argmax(0)
+        keep = select(reference, seg)
+        conf.append(probs.max(0)[keep])
+        correct.append((seg == reference)[keep])
+    return ece_15_bins(np.concatenate(conf), np.concatenate(correct))
+
+
 def make_trainer(env: Env, name: str, monkeypatch, results: Path, hparams: dict | None = None,
                  configuration: str = "2d", trainer_cls: type | None = None):
     """An nnunet_ssl trainer (``trainer_cls``, by default the registry's ``name``) built in the test process (CPU,

@@ -6,6 +6,7 @@ import pickle
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from conftest import folder_ece
 
 from nnunet_ssl.cli import main
 from nnunet_ssl.evaluation.calibration import (
@@ -108,34 +109,17 @@ def prediction_folder(tmp_path):
     return pred, ref, dataset_json, plans
 
 
-def _independent_ece(pred, ref, cases, select):
-    conf, correct = [], []
-    for c in cases:
-        p = np.load(pred / f"{c}.npz")["probabilities"].astype(np.float64)
-        r = sitk.GetArrayFromImage(sitk.ReadImage(str(ref / f"{c}.nii.gz")))
-        m = select(r, p.argmax(0))
-        conf.append(p.max(0)[m])
-        correct.append((p.argmax(0) == r)[m])
-    conf, correct = np.concatenate(conf), np.concatenate(correct)
-    ece = 0.0
-    for lo in range(15):
-        inside = (conf > lo / 15) & (conf <= (lo + 1) / 15)
-        if inside.any():
-            ece += inside.sum() / conf.size * abs(correct[inside].mean() - conf[inside].mean())
-    return ece
-
-
 def test_folder_json_diagram_and_cli(prediction_folder, tmp_path, capsys):
     pred, ref, dataset_json, plans = prediction_folder
     result = calibration_on_folder(ref, pred, dataset_json, plans, tmp_path / "c.json", tmp_path / "d.png",
                                    num_processes=1)
     saved = json.loads((tmp_path / "c.json").read_text())
     assert saved["n_bins"] == 15 and [c["case"] for c in saved["metric_per_case"]] == ["c0", "c1"]
-    fg = _independent_ece(pred, ref, ["c0", "c1"], lambda r, p: (r != 0) | (p != 0))
+    fg = folder_ece(pred, ref, ["c0", "c1"], lambda r, p: (r != 0) | (p != 0))
     assert saved["pooled"]["foreground"]["ECE"] == pytest.approx(fg, rel=1e-5)
     assert saved["pooled"]["classes"]["2"]["ECE"] == pytest.approx(
-        _independent_ece(pred, ref, ["c0", "c1"], lambda r, p: (r == 2) | (p == 2)), rel=1e-5)
-    per_case = [_independent_ece(pred, ref, [c], lambda r, p: np.ones_like(r, bool)) for c in ("c0", "c1")]
+        folder_ece(pred, ref, ["c0", "c1"], lambda r, p: (r == 2) | (p == 2)), rel=1e-5)
+    per_case = [folder_ece(pred, ref, [c], lambda r, p: np.ones_like(r, bool)) for c in ("c0", "c1")]
     assert saved["mean"]["all"] == pytest.approx(np.mean(per_case), rel=1e-5)
     assert sum(saved["pooled"]["all"]["bins"]["count"]) == 2 * 4 * 5 * 6
     assert result == saved

@@ -39,9 +39,9 @@ def ddp_runs(demo, tmp_path_factory):
             "runs": [{"trainer": t, "configuration": "2d", "hparams": {**SCHEDULE, **EXTRA.get(t, {})},
                       "validate": t in VALIDATED} for t in TRAINERS]}
     (root / "spec.json").write_text(json.dumps(spec))
-    # one export worker per rank in nnU-Net's final validation (each one starts a process), on 2 cores
+    # one export worker per rank in nnU-Net's final validation (the test environments' nnUNet_def_n_proc)
     env.run(sys.executable, str(REPO / "tests" / "ddp_cpu.py"), str(root / "spec.json"),
-            extra_env={"nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1"})
+            extra_env={"nnUNet_n_proc_DA": "0"})
     return env, out
 
 

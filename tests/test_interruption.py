@@ -20,7 +20,7 @@ import blosc2
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, Env, ece_15_bins, read_image
+from conftest import REPO, Env, folder_ece, read_image
 
 from nnunet_ssl.data.unlabeled import unlabeled_preprocessed_folder
 from nnunet_ssl.methods.popcorn.trainer import PSEUDO_LABEL_FOLDER, STATE_FILE
@@ -75,6 +75,11 @@ def _equal(a, b) -> bool:
     if isinstance(a, (list, tuple)):
         return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
     return a == b
+
+
+def _resumed_log(out) -> str:
+    """The log of the resumed run (nnU-Net starts a new log file per run)."""
+    return max(out.glob("training_log_*.txt"), key=lambda p: p.stat().st_mtime).read_text()
 
 
 def _popcorn(out, saved, restored, final) -> None:
@@ -146,22 +151,14 @@ def _calibrated(env: Env, pred) -> None:
     assert "foreground" in proc.stdout
     result = json.loads((pred / "calibration.json").read_text())
     assert [c["case"] for c in result["metric_per_case"]] == cases
-    conf, correct, conf1, correct1 = [], [], [], []
-    for case in cases:
-        probs = np.load(pred / f"{case}.npz")["probabilities"].astype(np.float64)
-        ref = read_image(env.raw / "labelsTs" / f"{case}.nii.gz")
-        seg = probs.argmax(0)
-        assert np.array_equal(seg, read_image(pred / f"{case}.nii.gz"))  # the written segmentation is their argmax
-        fg = (ref != 0) | (seg != 0)
-        conf.append(probs.max(0)[fg])
-        correct.append((seg == ref)[fg])
-        one = (ref == 1) | (seg == 1)
-        conf1.append(probs.max(0)[one])
-        correct1.append((seg == ref)[one])
+    for case in cases:  # the written segmentation is the probabilities' argmax
+        probs = np.load(pred / f"{case}.npz")["probabilities"]
+        assert np.array_equal(probs.argmax(0), read_image(pred / f"{case}.nii.gz"))
+    ref = env.raw / "labelsTs"
     assert result["pooled"]["foreground"]["ECE"] == pytest.approx(
-        ece_15_bins(np.concatenate(conf), np.concatenate(correct)), rel=1e-4)
+        folder_ece(pred, ref, cases, lambda r, p: (r != 0) | (p != 0)), rel=1e-4)
     assert result["pooled"]["classes"]["1"]["ECE"] == pytest.approx(
-        ece_15_bins(np.concatenate(conf1), np.concatenate(correct1)), rel=1e-4)
+        folder_ece(pred, ref, cases, lambda r, p: (r == 1) | (p == 1)), rel=1e-4)
     assert (pred / "reliability_diagram.png").stat().st_size > 0
 
 
@@ -169,9 +166,6 @@ def _calibrated(env: Env, pred) -> None:
 PREDICTION = {"MuSTTrainer": (("-npp", "1", "-nps", "1"), _evaluated),  # with nnU-Net's worker processes
               "MisMatchTrainer": (("--save_probabilities",), _calibrated)}
 
-
-def _resumed_log(out) -> str:
-    return max(out.glob("training_log_*.txt"), key=lambda p: p.stat().st_mtime).read_text()
 
 
 @pytest.mark.parametrize("trainer", list(CASES))

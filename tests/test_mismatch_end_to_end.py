@@ -37,6 +37,6 @@ def test_regions_ignore_label_validation_calibration(demo_regions_ignore):
             keep = valid & (inside | member)
             conf.append(np.maximum(probs[channel], 1 - probs[channel])[keep])
             correct.append((inside == member)[keep])
-    assert result["pooled"]["foreground"]["ECE"] == pytest.approx(ece_15_bins(np.concatenate(conf), np.concatenate(correct)),
-                                                                  rel=1e-4)
+    assert result["pooled"]["foreground"]["ECE"] == pytest.approx(
+        ece_15_bins(np.concatenate(conf), np.concatenate(correct)), rel=1e-4)
 
