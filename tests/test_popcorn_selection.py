@@ -47,8 +47,8 @@ def test_selection_eq7_on_a_hand_made_matrix():
 def test_default_schedule_integrates_everything():
     # the paper's scale: M = 2901 unlabeled, nnU-Net's 1000 epochs
     s = derive_schedule(2901, 1000)
-    assert s.first_step_epochs == 250 and s.selection_size == math.ceil(2901 / 15) and s.num_rounds == 15
-    assert s.epochs_per_round == 750 // 15 and s.round_epochs[-1] + s.epochs_per_round <= 1000
+    assert s.first_step_epochs == 500 and s.selection_size == math.ceil(2901 / 15) and s.num_rounds == 15
+    assert s.epochs_per_round == 500 // 15 and s.round_epochs[-1] + s.epochs_per_round <= 1000
     for m in (1, 4, 14, 15, 16, 100, 3000):
         for epochs in (2, 3, 4, 7, 50, 1000):
             s = derive_schedule(m, epochs)
@@ -56,17 +56,20 @@ def test_default_schedule_integrates_everything():
             assert s.epochs_per_round >= 1 and 1 <= s.first_step_epochs < epochs
             assert s.round_epochs[-1] + s.epochs_per_round <= epochs  # the last cases get N epochs too
             assert s.round_epochs == sorted(set(s.round_epochs))  # at most one round per epoch
-    # a small run: 4 unlabeled, 4 epochs -> E1 = 1, K = ceil(4 / 3) = 2, 2 rounds at epochs 1 and 2
+    # a small run: 4 unlabeled, 4 epochs -> E1 = 2, K = ceil(4 / 2) = 2, 2 rounds at epochs 2 and 3
     s = derive_schedule(4, 4)
-    assert (s.first_step_epochs, s.selection_size, s.num_rounds, s.epochs_per_round) == (1, 2, 2, 1)
-    assert s.round_epochs == [1, 2]
+    assert (s.first_step_epochs, s.selection_size, s.num_rounds, s.epochs_per_round) == (2, 2, 2, 1)
+    assert s.round_epochs == [2, 3]
+    # 5 epochs: E1 = round(2.5) = 2 (half to even), K = ceil(4 / 3) = 2, N = floor(3 / 2) = 1
+    s = derive_schedule(4, 5)
+    assert (s.first_step_epochs, s.selection_size, s.epochs_per_round, s.round_epochs) == (2, 2, 1, [2, 3])
 
 
 def test_explicit_schedule_values_are_kept_or_rejected():
     s = derive_schedule(10, 100, selection_size=3, epochs_per_round=5, first_step_epochs=40, num_neighbors=2)
     assert s.num_rounds == 4 and s.round_epochs == [40, 45, 50, 55] and s.num_neighbors == 2
-    s = derive_schedule(10, 100, selection_size=3)
-    assert s.epochs_per_round == 75 // 4
+    s = derive_schedule(10, 100, selection_size=3)  # E1 = 50, 4 rounds in the other 50 epochs
+    assert s.epochs_per_round == 50 // 4 and s.round_epochs == [50, 62, 74, 86]
     with pytest.raises(ScheduleError, match="last round would start at epoch 100"):
         derive_schedule(10, 100, selection_size=1, epochs_per_round=10, first_step_epochs=10)
     with pytest.raises(ScheduleError, match="selection_size"):

@@ -3,6 +3,7 @@ rounds with pseudo-labels from nnU-Net's predictor, state that survives interrup
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
 from nnunet_ssl.ext_trainers_path import trainers_path
 from nnunet_ssl.methods.popcorn.sampling import PairedDataLoader
+from nnunet_ssl.methods.popcorn.selection import derive_schedule
 from nnunet_ssl.methods.popcorn.trainer import PSEUDO_LABEL_FOLDER, STATE_FILE, POPCORNTrainer
 from nnunet_ssl.training.hparams import HParamError
 
@@ -124,7 +126,7 @@ def _image_shape(trainer, case):
 
 
 def test_selection_round_integrates_k_cases(demo, make):
-    trainer = make(demo, {"num_epochs": 4, "selection_size": 3})
+    trainer = make(demo, {"num_epochs": 4, "selection_size": 3, "first_step_epochs": 1})
     trainer.unlabeled_identifiers = trainer.prepare_unlabeled_data()
     s = trainer.schedule
     assert (s.num_unlabeled, s.selection_size, s.num_rounds, s.first_step_epochs, s.epochs_per_round) == \
@@ -177,10 +179,22 @@ def test_selection_round_integrates_k_cases(demo, make):
 
     # the state goes through the checkpoint entry into a new trainer
     state = trainer.extra_checkpoint_state()
-    resumed = make(demo, {"num_epochs": 4, "selection_size": 3})
+    resumed = make(demo, {"num_epochs": 4, "selection_size": 3, "first_step_epochs": 1})
     resumed.load_extra_checkpoint_state(state)
     resumed.unlabeled_identifiers = resumed.prepare_unlabeled_data()
     assert resumed.rounds == trainer.rounds and resumed.pseudo_labeled_cases() == ranking
+    # a value left null resumes as the checkpoint has it (the default E1 would be 2 here: a checkpoint of a version
+    # with another default keeps its schedule); a value set against the checkpoint is refused
+    null = make(demo, {"num_epochs": 4, "selection_size": 3})
+    assert derive_schedule(4, 4, 3).first_step_epochs == 2
+    null.load_extra_checkpoint_state(copy.deepcopy(state))
+    null.unlabeled_identifiers = null.prepare_unlabeled_data()
+    assert null.schedule == s and null.rounds == trainer.rounds
+    assert "POPCORN resumes with the checkpoint's schedule (first_step_epochs 1" in Path(null.log_file).read_text()
+    other = make(demo, {"num_epochs": 4, "selection_size": 3, "first_step_epochs": 2})
+    other.load_extra_checkpoint_state(copy.deepcopy(state))
+    with pytest.raises(HParamError, match="value set in nnUNet_ssl_hparams changed"):
+        other.prepare_unlabeled_data()
 
 
 def test_interrupted_round_leaves_a_consistent_state(demo, make, monkeypatch):
@@ -232,7 +246,7 @@ def test_interrupted_round_leaves_a_consistent_state(demo, make, monkeypatch):
 def test_round_warns_when_pseudo_labels_miss_a_class(demo, make, monkeypatch):
     """A model that has not learned a class yet leaves it out of its pseudo-labels: the round says so in the log,
     with the cases, the shares and, in round 1, the setting to change."""
-    trainer = make(demo, {"num_epochs": 5, "selection_size": 1})  # rounds at epochs 1 to 4
+    trainer = make(demo, {"num_epochs": 5, "selection_size": 1, "first_step_epochs": 1})  # rounds at epochs 1 to 4
     trainer.unlabeled_identifiers = trainer.prepare_unlabeled_data()
     trainer.dataloader_train = trainer.get_paired_training_dataloader()
     write = trainer.store.write
@@ -281,7 +295,7 @@ def test_bad_settings_fail_before_training(demo, make):
         make(demo, {"num_epochs": 5, "first_step_epochs": 5}, initialize=False)
     with pytest.raises(HParamError, match="'selection_size' = 0"):
         make(demo, {"selection_size": 0}, initialize=False)
-    trainer = make(demo, {"num_epochs": 3, "selection_size": 1, "epochs_per_round": 1})
+    trainer = make(demo, {"num_epochs": 3, "selection_size": 1, "epochs_per_round": 1, "first_step_epochs": 1})
     with pytest.raises(HParamError, match="last round would start at epoch 4 but num_epochs = 3"):
         trainer.prepare_unlabeled_data()  # 4 unlabeled cases, one per round from epoch 1
     with pytest.raises(ValueError, match="batch size >= 2"):
@@ -309,7 +323,7 @@ def test_regions_and_ignore_label_across_a_round(demo_regions_ignore, make):
 
 
 def test_2d_configuration_across_a_round(demo, make):
-    trainer = make(demo, {"num_epochs": 5, "selection_size": 1}, configuration="2d")
+    trainer = make(demo, {"num_epochs": 5, "selection_size": 1, "first_step_epochs": 1}, configuration="2d")
     patch = trainer.configuration_manager.patch_size
     assert len(patch) == 2
     trainer.unlabeled_identifiers = trainer.prepare_unlabeled_data()

@@ -79,7 +79,7 @@ POPCORN_HPARAMS: dict[str, HParam] = {
                                                  "otherwise patches of two cases at the same relative position.",
                                      low=0.0, high=1.0),
     "first_step_epochs": HParam(None, int, "E1: epochs on the labeled cases before the first selection round; "
-                                           "null: max(1, round(num_epochs / 4)).", low=1, optional=True),
+                                           "null: max(1, round(num_epochs / 2)).", low=1, optional=True),
     "selection_size": HParam(None, int, "K: unlabeled cases pseudo-labeled per round (eq. 7); null: "
                                         "ceil(M / min(15, M, num_epochs - E1)) for M unlabeled cases.",
                              low=1, optional=True),
@@ -213,14 +213,33 @@ class POPCORNTrainer(SemiSupervisedTrainer):
                     f"unlabeled case(s), but {len(cases)} are there now (the unlabeled images changed). Resume with "
                     f"the checkpoint's unlabeled images or start a new training (without --c).")
             if restored["schedule"] != self.schedule.as_dict():
-                raise HParamError(f"the checkpoint's POPCORN schedule {restored['schedule']} differs from "
-                                  f"{self.schedule.as_dict()}; start a new training (without --c).")
+                self.schedule = self._checkpoint_schedule(len(cases), restored["schedule"])
             self.rounds = [dict(r) for r in restored["rounds"]]
         self.unlabeled_identifiers = cases
         self.reconcile_pseudo_labels()
         self.print_to_log_file(f"POPCORN schedule: {self.schedule.as_dict()}; {len(self.pseudo_labeled_cases())} "
                                f"case(s) pseudo-labeled so far.")
         return cases
+
+    def _checkpoint_schedule(self, num_unlabeled: int, saved: dict[str, Any]) -> Schedule:
+        """A run resumes with the schedule it started with: values left null in nnUNet_ssl_hparams are the
+        checkpoint's (derived by the defaults of the version that started it), values set there must agree."""
+        h = self.hparams
+        keys = ("selection_size", "epochs_per_round", "first_step_epochs")
+        try:
+            schedule = derive_schedule(num_unlabeled, self.num_epochs, *(saved[k] if h[k] is None else h[k]
+                                                                          for k in keys), h["num_neighbors"])
+        except ScheduleError:
+            schedule = None
+        if schedule is None or schedule.as_dict() != saved:
+            raise HParamError(f"the checkpoint's POPCORN schedule {saved} differs from {self.schedule.as_dict()} "
+                              f"(num_epochs or a value set in nnUNet_ssl_hparams changed); resume with the "
+                              f"checkpoint's values or start a new training (without --c).")
+        self.print_to_log_file(f"POPCORN resumes with the checkpoint's schedule (first_step_epochs "
+                               f"{schedule.first_step_epochs}, selection_size {schedule.selection_size}, "
+                               f"epochs_per_round {schedule.epochs_per_round}); the defaults now give "
+                               f"{self.schedule.as_dict()}.")
+        return schedule
 
     def reconcile_pseudo_labels(self) -> None:
         """Make the pseudo-label folder match the rounds in force: files of cases the state does not name (a run
