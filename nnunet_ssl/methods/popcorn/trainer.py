@@ -200,46 +200,35 @@ class POPCORNTrainer(SemiSupervisedTrainer):
     def prepare_unlabeled_data(self) -> list[str]:
         cases = super().prepare_unlabeled_data()
         h = self.hparams
+        restored = self._restored or {}
+        saved = restored["schedule"] if restored.get("rounds") else None
+        if saved is not None and restored["unlabeled_cases"] != cases:
+            raise HParamError(
+                f"the checkpoint's POPCORN rounds were selected among {len(restored['unlabeled_cases'])} "
+                f"unlabeled case(s), but {len(cases)} are there now (the unlabeled images changed). Resume with "
+                f"the checkpoint's unlabeled images or start a new training (without --c).")
+        # a run resumes with the schedule it started with: values left null are the checkpoint's (derived by the
+        # defaults of the version that started it), values set in nnUNet_ssl_hparams must agree with it
+        keys = ("selection_size", "epochs_per_round", "first_step_epochs")
+        values = [saved[k] if saved is not None and h[k] is None else h[k] for k in keys]
         try:
-            self.schedule = derive_schedule(len(cases), self.num_epochs, h["selection_size"], h["epochs_per_round"],
-                                            h["first_step_epochs"], h["num_neighbors"])
+            self.schedule = derive_schedule(len(cases), self.num_epochs, *values, h["num_neighbors"])
         except ScheduleError as e:
             raise HParamError(str(e)) from None
-        restored = self._restored or {}
-        if restored.get("rounds"):
-            if restored["unlabeled_cases"] != cases:
-                raise HParamError(
-                    f"the checkpoint's POPCORN rounds were selected among {len(restored['unlabeled_cases'])} "
-                    f"unlabeled case(s), but {len(cases)} are there now (the unlabeled images changed). Resume with "
-                    f"the checkpoint's unlabeled images or start a new training (without --c).")
-            if restored["schedule"] != self.schedule.as_dict():
-                self.schedule = self._checkpoint_schedule(len(cases), restored["schedule"])
+        if saved is not None:
+            if saved != self.schedule.as_dict():
+                raise HParamError(f"the checkpoint's POPCORN schedule {saved} differs from {self.schedule.as_dict()} "
+                                  f"(num_epochs or a value set in nnUNet_ssl_hparams changed); resume with the "
+                                  f"checkpoint's values or start a new training (without --c).")
             self.rounds = [dict(r) for r in restored["rounds"]]
+            self.print_to_log_file(f"POPCORN resumes with the checkpoint's schedule (first_step_epochs "
+                                   f"{self.schedule.first_step_epochs}, selection_size {self.schedule.selection_size}, "
+                                   f"epochs_per_round {self.schedule.epochs_per_round}).")
         self.unlabeled_identifiers = cases
         self.reconcile_pseudo_labels()
         self.print_to_log_file(f"POPCORN schedule: {self.schedule.as_dict()}; {len(self.pseudo_labeled_cases())} "
                                f"case(s) pseudo-labeled so far.")
         return cases
-
-    def _checkpoint_schedule(self, num_unlabeled: int, saved: dict[str, Any]) -> Schedule:
-        """A run resumes with the schedule it started with: values left null in nnUNet_ssl_hparams are the
-        checkpoint's (derived by the defaults of the version that started it), values set there must agree."""
-        h = self.hparams
-        keys = ("selection_size", "epochs_per_round", "first_step_epochs")
-        try:
-            schedule = derive_schedule(num_unlabeled, self.num_epochs, *(saved[k] if h[k] is None else h[k]
-                                                                          for k in keys), h["num_neighbors"])
-        except ScheduleError:
-            schedule = None
-        if schedule is None or schedule.as_dict() != saved:
-            raise HParamError(f"the checkpoint's POPCORN schedule {saved} differs from {self.schedule.as_dict()} "
-                              f"(num_epochs or a value set in nnUNet_ssl_hparams changed); resume with the "
-                              f"checkpoint's values or start a new training (without --c).")
-        self.print_to_log_file(f"POPCORN resumes with the checkpoint's schedule (first_step_epochs "
-                               f"{schedule.first_step_epochs}, selection_size {schedule.selection_size}, "
-                               f"epochs_per_round {schedule.epochs_per_round}); the defaults now give "
-                               f"{self.schedule.as_dict()}.")
-        return schedule
 
     def reconcile_pseudo_labels(self) -> None:
         """Make the pseudo-label folder match the rounds in force: files of cases the state does not name (a run
