@@ -22,6 +22,7 @@ from conftest import SHORT
 from nnunet_ssl.data.labeled_fraction import make_labeled_fraction
 from nnunet_ssl.evaluation import benchmark as bm
 from nnunet_ssl.evaluation import report
+from nnunet_ssl.training.hparams import resolve_hparams
 
 
 def _settings(tmp_path, **kw) -> bm.Settings:
@@ -124,6 +125,32 @@ def test_work_folder_from_before_seeding_resumes_unseeded(tmp_path):
         bm._check_work_dir(_settings(tmp_path), ctx)
     bm._check_work_dir(unseeded, ctx)
     assert json.loads((unseeded.work_dir / "benchmark.json").read_text())["seed_training"] is False
+
+
+def test_finished_training_with_other_hparams_is_refused_before_anything_runs(tmp_path):
+    """A fold whose training finished but was not evaluated is only predicted on resume: one trained with other
+    hyper-parameters (here a value left at its default then and set now, and the reverse) is refused, naming it."""
+    ctx = bm.Context(971, "Dataset971_Tiny", tmp_path, tmp_path, "nnUNetPlans", ["c0", "c1"], ["c2"], ["c0", "c1"],
+                     ["t0"], False, {"1": "a"})
+    settings = _settings(tmp_path, trainers=["POPCORNTrainer"])
+    run = bm.Run(bm.SSL, "POPCORNTrainer", 2, 0)
+    fold = bm.fold_folder(settings, ctx, settings.work_dir / "runs" / run.env_name, run)
+    fold.mkdir(parents=True)
+    spec = bm.trainer_classes()["POPCORNTrainer"].hparam_spec
+    in_force = resolve_hparams(spec, "POPCORNTrainer", bm.hparams_for(settings, "POPCORNTrainer", 0))
+    torch.save({"nnunet_ssl": {"hparams": in_force}}, fold / "checkpoint_final.pth")
+    bm._check_finished_trainings(settings, ctx, [run])  # the same hyper-parameters: predicted on resume
+    asked_other = dataclasses.replace(settings, trainer_hparams={"POPCORNTrainer": {"first_step_epochs": 3}})
+    with pytest.raises(bm.BenchmarkError, match=r"fold_0 holds a finished training of POPCORNTrainer made with "
+                                                r"other hyper-parameters \(first_step_epochs: None there, 3 now\); "
+                                                r"delete that fold_0 folder"):
+        bm._check_finished_trainings(asked_other, ctx, [run])
+    torch.save({"nnunet_ssl": {"hparams": {**in_force, "first_step_epochs": 3}}}, fold / "checkpoint_final.pth")
+    with pytest.raises(bm.BenchmarkError, match=r"first_step_epochs: 3 there, None now"):
+        bm._check_finished_trainings(settings, ctx, [run])
+    bm._check_finished_trainings(asked_other, ctx, [run])
+    bm.metrics_file(settings, run).write_text("{}")  # evaluated already: never read again, so not checked
+    bm._check_finished_trainings(settings, ctx, [run])
 
 
 def test_process_count_read_from_the_environment_when_the_settings_are_made(tmp_path, monkeypatch):

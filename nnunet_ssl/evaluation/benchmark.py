@@ -350,6 +350,7 @@ def prepare(settings: Settings, log=print) -> tuple[Context, list[Run]]:
     ctx = Context(int(name[7:10]), name, raw, pp, plans_identifier, train, val, pool, test, has_unlabeled,
                   class_names, populations)
     _check_work_dir(settings, ctx)
+    _check_finished_trainings(settings, ctx, runs)
     return ctx, runs
 
 
@@ -430,6 +431,31 @@ def _check_work_dir(settings: Settings, ctx: Context) -> None:
             raise BenchmarkError(f"{settings.work_dir} holds runs made with other settings ({', '.join(diff)} "
                                  f"differ); use another --work-dir or the same settings.")
     write_json_atomic(now, f)
+
+
+def _check_finished_trainings(settings: Settings, ctx: Context, runs: list[Run]) -> None:
+    """A run not yet evaluated whose training finished is only predicted and evaluated on resume, so that training
+    must have been made with the hyper-parameters asked for now (benchmark.json guards the whole folder; this
+    guards a fold left over when benchmark.json was removed or a folder copied in)."""
+    import torch
+
+    from nnunet_ssl.training.hparams import resolve_hparams, with_legacy_values
+
+    classes = trainer_classes()
+    for run in runs:
+        fold = fold_folder(settings, ctx, settings.work_dir / "runs" / run.env_name, run)
+        if metrics_file(settings, run).is_file() or not (fold / "checkpoint_final.pth").is_file():
+            continue
+        spec = classes[run.trainer].hparam_spec
+        saved = with_legacy_values(spec, torch.load(fold / "checkpoint_final.pth", map_location="cpu",
+                                                    weights_only=False).get("nnunet_ssl", {}).get("hparams", {}))
+        asked = resolve_hparams(spec, run.trainer, hparams_for(settings, run.trainer, run.seed,
+                                                               placebo=run.role == PLACEBO))
+        diff = [f"{k}: {saved[k]!r} there, {v!r} now" for k, v in asked.items() if k in saved and saved[k] != v]
+        if diff:
+            raise BenchmarkError(f"{fold} holds a finished training of {run.method} made with other hyper-parameters "
+                                 f"({'; '.join(diff)}); delete that fold_0 folder to train it again, or use another "
+                                 f"--work-dir.")
 
 
 def _choose_labeled(pool: list[str], k: int, seed: int) -> list[str]:
