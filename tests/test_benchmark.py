@@ -504,3 +504,12 @@ def test_benchmark_runs_and_resumes(demo, tmp_path):
     bad = demo.run(*[a if a != json.dumps(SHORT) else json.dumps({**SHORT, "num_epochs": 2}) for a in cmd],
                    check=False)
     assert bad.returncode != 0 and "other settings" in bad.stderr and "hparams" in bad.stderr
+
+    # a finished training not yet evaluated but made with other hyper-parameters is refused, and the refused command
+    # leaves benchmark.json as it was (the original command still resumes)
+    (runs / "n2_seed0" / "metrics_MuSTTrainer.json").unlink()
+    settings_file = (work / "benchmark.json").read_text()
+    other = demo.run(*cmd, "--trainer-hparams", 'MuSTTrainer={"temperature": 0.25}', check=False)
+    assert other.returncode != 0 and "holds a finished training of MuSTTrainer made with other hyper-parameters " \
+                                     "(temperature: 0.8 there, 0.25 now)" in other.stderr
+    assert (work / "benchmark.json").read_text() == settings_file and "training MuSTTrainer" not in other.stdout

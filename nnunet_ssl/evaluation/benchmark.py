@@ -349,8 +349,8 @@ def prepare(settings: Settings, log=print) -> tuple[Context, list[Run]]:
     populations = {s["case"]: s["source"] for s in cohort.get("subjects", []) if s["case"] in test}
     ctx = Context(int(name[7:10]), name, raw, pp, plans_identifier, train, val, pool, test, has_unlabeled,
                   class_names, populations)
+    _check_finished_trainings(settings, ctx, runs)  # first: a refused command must not rewrite benchmark.json
     _check_work_dir(settings, ctx)
-    _check_finished_trainings(settings, ctx, runs)
     return ctx, runs
 
 
