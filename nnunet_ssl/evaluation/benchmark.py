@@ -439,7 +439,7 @@ def _check_finished_trainings(settings: Settings, ctx: Context, runs: list[Run])
     guards a fold left over when benchmark.json was removed or a folder copied in)."""
     import torch
 
-    from nnunet_ssl.training.hparams import resolve_hparams, with_legacy_values
+    from nnunet_ssl.training.hparams import checkpoint_hparams, resolve_hparams
 
     classes = trainer_classes()
     for run in runs:
@@ -447,11 +447,11 @@ def _check_finished_trainings(settings: Settings, ctx: Context, runs: list[Run])
         if metrics_file(settings, run).is_file() or not (fold / "checkpoint_final.pth").is_file():
             continue
         spec = classes[run.trainer].hparam_spec
-        saved = with_legacy_values(spec, torch.load(fold / "checkpoint_final.pth", map_location="cpu",
-                                                    weights_only=False).get("nnunet_ssl", {}).get("hparams", {}))
+        state = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False).get("nnunet_ssl", {})
+        saved = checkpoint_hparams(spec, run.trainer, state.get("hparams", {}))
         asked = resolve_hparams(spec, run.trainer, hparams_for(settings, run.trainer, run.seed,
                                                                placebo=run.role == PLACEBO))
-        diff = [f"{k}: {saved[k]!r} there, {v!r} now" for k, v in asked.items() if k in saved and saved[k] != v]
+        diff = [f"{k}: {saved[k]!r} there, {v!r} now" for k, v in asked.items() if saved[k] != v]
         if diff:
             raise BenchmarkError(f"{fold} holds a finished training of {run.method} made with other hyper-parameters "
                                  f"({'; '.join(diff)}); delete that fold_0 folder to train it again, or use another "

@@ -120,6 +120,12 @@ def with_legacy_values(spec: Mapping[str, HParam], saved: Mapping[str, Any]) -> 
     return {**added, **saved}
 
 
+def checkpoint_hparams(spec: Mapping[str, HParam], trainer_name: str, saved: Mapping[str, Any]) -> dict[str, Any]:
+    """The hyper-parameters a checkpoint was trained with, every setting filled in (legacy values for settings
+    added after it was written, defaults for the rest) and validated: what ``--c`` resumes with."""
+    return resolve_hparams(spec, trainer_name, with_legacy_values(spec, saved))
+
+
 def describe(spec: Mapping[str, HParam]) -> str:
     width = max(len(n) for n in spec)
     return "\n".join(f"{n:<{width}}  default {p.default!r:<10} {p.requirement()}. {p.help}"

@@ -44,9 +44,9 @@ from nnunet_ssl.training.hparams import (
     ENV_VAR,
     HParam,
     HParamError,
+    checkpoint_hparams,
     read_overrides,
     resolve_hparams,
-    with_legacy_values,
 )
 from nnunet_ssl.training.logging import SSLLocalLogger
 
@@ -317,8 +317,7 @@ class SupervisedTrainer(nnUNetTrainer):
             self.print_to_log_file(f"{filename_or_checkpoint} has no nnunet_ssl state (not written by an nnunet_ssl "
                                    f"trainer); method state starts fresh.")
             return
-        saved = resolve_hparams(self.hparam_spec, type(self).__name__,
-                                with_legacy_values(self.hparam_spec, state["hparams"]))
+        saved = checkpoint_hparams(self.hparam_spec, type(self).__name__, state["hparams"])
         # a value set now must equal the checkpoint's if training reads it; what is not set is the checkpoint's
         diff = {k: (saved[k], self.hparams[k]) for k in self.hparams_set
                 if self.hparam_spec[k].affects_training and saved[k] != self.hparams[k]}
