@@ -1,4 +1,4 @@
-"""POPCORN's proximity graph (eq. 6), selection (eq. 7) and default schedule."""
+"""POPCORN's proximity graph (eq. 6), selection (eq. 7), the random-selection ablation and default schedule."""
 
 import math
 
@@ -11,6 +11,7 @@ from nnunet_ssl.methods.popcorn.selection import (
     proximity_matrix,
     proximity_scores,
     select_closest,
+    select_random,
 )
 
 
@@ -43,6 +44,22 @@ def test_selection_eq7_on_a_hand_made_matrix():
     # K larger than what is left: all of them
     assert len(select_closest(scores, cases, 10)) == 4
 
+
+
+def test_random_selection_draws_every_case_alike_and_ignores_list_order():
+    cases = ["u_c", "u_a", "u_d", "u_b"]
+    # the draw permutes the identifiers' sorted order: the same generator picks the same cases in any list order
+    drawn = [cases[i] for i in select_random(cases, 2, np.random.default_rng(3))]
+    shuffled = ["u_b", "u_d", "u_a", "u_c"]
+    assert [shuffled[i] for i in select_random(shuffled, 2, np.random.default_rng(3))] == drawn
+    order = sorted(cases)
+    assert drawn == [order[i] for i in np.random.default_rng(3).permutation(4)[:2]]
+    assert sorted(select_random(cases, 10, np.random.default_rng(0))) == [0, 1, 2, 3]  # K > what is left: all
+    # uniform: over 4000 draws of one case each is drawn about 1000 times (binomial std ~27)
+    counts = np.zeros(4)
+    for seed in range(4000):
+        counts[select_random(cases, 1, np.random.default_rng(seed))[0]] += 1
+    assert np.all(np.abs(counts - 1000) < 120), counts
 
 def test_default_schedule_integrates_everything():
     # the paper's scale: M = 2901 unlabeled, nnU-Net's 1000 epochs

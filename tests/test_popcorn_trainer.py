@@ -197,6 +197,33 @@ def test_selection_round_integrates_k_cases(demo, make):
         other.prepare_unlabeled_data()
 
 
+
+def test_random_selection_ablation_draws_from_seed_and_round(demo, make):
+    """selection 'random' (section 4.1's ablation without proximity graph): a round takes the cases drawn from
+    (seed, round number), not the closest ones; a new trainer at the same round (as after --c) draws the same."""
+    hp = {"num_epochs": 4, "selection_size": 2, "first_step_epochs": 1}
+
+    def first_round(trainer):
+        trainer.unlabeled_identifiers = trainer.prepare_unlabeled_data()
+        trainer.dataloader_train = trainer.get_paired_training_dataloader()
+        trainer.current_epoch = 1
+        return trainer.selection_round()
+
+    closest = first_round(make(demo, {**hp, "seed": 0}))["selected"]
+    unlabeled = sorted(make(demo, hp).prepare_unlabeled_data())
+    # a seed whose draw is not the proximity ranking's first two, so the test tells the two selections apart
+    seed = next(s for s in range(100) if [unlabeled[i] for i in np.random.default_rng([s, 1]).permutation(4)[:2]]
+                != closest)
+    expected = [unlabeled[i] for i in np.random.default_rng([seed, 1]).permutation(4)[:2]]
+    trainer = make(demo, {**hp, "seed": seed, "selection": "random"})
+    record = first_round(trainer)
+    assert record["selected"] == expected != closest
+    assert trainer.pseudo_labeled_cases() == expected and len(record["scores"]) == 2
+    assert first_round(make(demo, {**hp, "seed": seed, "selection": "random"}))["selected"] == expected
+    with pytest.raises(HParamError, match="'selection' = 'nearest' is invalid: expected one of 'proximity', "
+                                          "'random'"):
+        make(demo, {"selection": "nearest"}, initialize=False)
+
 def test_interrupted_round_leaves_a_consistent_state(demo, make, monkeypatch):
     trainer = make(demo, {"num_epochs": 4, "selection_size": 2})
     trainer.unlabeled_identifiers = trainer.prepare_unlabeled_data()

@@ -35,6 +35,14 @@ def select_closest(scores: Sequence[float], cases: Sequence[str], k: int) -> lis
     return order[:k]
 
 
+def select_random(cases: Sequence[str], k: int, rng: np.random.Generator) -> list[int]:
+    """The ablation "without proximity graph" of section 4.1: the indices of ``k`` of ``cases`` drawn at random
+    (all of them if fewer), in the order drawn. Cases are drawn from their identifiers' sorted order, so the choice
+    does not depend on the order in which they were listed."""
+    order = sorted(range(len(cases)), key=lambda i: cases[i])
+    return [order[i] for i in rng.permutation(len(cases))[:k]]
+
+
 class ScheduleError(ValueError):
     """Selection settings that cannot integrate every unlabeled case before training ends."""
 

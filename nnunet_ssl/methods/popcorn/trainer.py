@@ -7,7 +7,8 @@ Data selection (sections 2.3-2.4): the first ``first_step_epochs`` epochs train 
 ``epochs_per_round`` epochs, a selection round computes the latent representation of every training case
 (labeled and pseudo-labeled) and every remaining unlabeled case (the bottleneck features over nnU-Net's
 sliding-window tiles, averaged), scores each unlabeled case by the sum of its p smallest distances to the training
-set (eq. 6-7), pseudo-labels the K lowest-scoring ones with nnU-Net's predictor and adds them to the training set
+set (eq. 6-7), pseudo-labels the K lowest-scoring ones (``selection`` 'random': K at random, the paper's
+ablation) with nnU-Net's predictor and adds them to the training set
 (a ``CombinedDataset`` read by nnU-Net's loader), until every unlabeled case is in.
 
 State: the rounds (epoch, cases in the order selected, their scores) go into the checkpoint's ``nnunet_ssl`` entry
@@ -47,6 +48,7 @@ from nnunet_ssl.methods.popcorn.selection import (
     proximity_matrix,
     proximity_scores,
     select_closest,
+    select_random,
 )
 from nnunet_ssl.training.base import UNLABELED_HPARAMS, SemiSupervisedTrainer
 from nnunet_ssl.training.hparams import HParam, HParamError
@@ -85,6 +87,10 @@ POPCORN_HPARAMS: dict[str, HParam] = {
                              low=1, optional=True),
     "epochs_per_round": HParam(None, int, "N: epochs between selection rounds; null: "
                                           "floor((num_epochs - E1) / ceil(M / K)).", low=1, optional=True),
+    "selection": HParam("proximity", str, "How a round picks its K cases: 'proximity', the K closest to the training "
+                                          "set in latent space (eq. 6-7); 'random', K of the remaining cases at "
+                                          "random, drawn from seed and round number (the paper's ablation without "
+                                          "proximity graph, section 4.1).", choices=("proximity", "random")),
     "num_neighbors": HParam(5, int, "p: nearest training cases whose distances make a case's score (eq. 7).",
                             low=1),
     "pseudo_label_mirroring": HParam(False, bool, "Predict pseudo-labels with nnU-Net's mirroring test-time "
@@ -355,7 +361,9 @@ class POPCORNTrainer(SemiSupervisedTrainer):
         training = labeled + selected
         proximity = proximity_matrix(np.stack([reps[c] for c in remaining]), np.stack([reps[c] for c in training]))
         scores = proximity_scores(proximity, self.schedule.num_neighbors)
-        chosen = select_closest(scores, remaining, min(self.schedule.selection_size, len(remaining)))
+        k = min(self.schedule.selection_size, len(remaining))
+        chosen = (select_closest(scores, remaining, k) if self.hparams["selection"] == "proximity"
+                  else self.select_random(remaining, k, number))
         cases = [remaining[i] for i in chosen]
         encoded = time.perf_counter()
         self.predict_pseudo_labels(cases)
@@ -382,6 +390,17 @@ class POPCORNTrainer(SemiSupervisedTrainer):
         self.check_label_shares(number, shares, cases)
         self.restart_training_dataloader()
         return record
+
+    def select_random(self, remaining: list[str], k: int, number: int) -> list[int]:
+        """Random selection: seeded runs draw from (seed, round number), so a resumed run draws what an uninterrupted
+        one would; unseeded DDP runs use rank 0's draw on every rank."""
+        seed = self.hparams["seed"]
+        chosen = select_random(remaining, k, np.random.default_rng(None if seed is None else [seed, number]))
+        if self.is_ddp and seed is None:
+            box = [chosen]
+            dist.broadcast_object_list(box, src=0)
+            chosen = box[0]
+        return chosen
 
     def _label_names(self) -> dict[int, str]:
         lm = self.label_manager
