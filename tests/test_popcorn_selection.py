@@ -45,7 +45,6 @@ def test_selection_eq7_on_a_hand_made_matrix():
     assert len(select_closest(scores, cases, 10)) == 4
 
 
-
 def test_random_selection_draws_every_case_alike_and_ignores_list_order():
     cases = ["u_c", "u_a", "u_d", "u_b"]
     # the draw permutes the identifiers' sorted order: the same generator picks the same cases in any list order
@@ -60,6 +59,7 @@ def test_random_selection_draws_every_case_alike_and_ignores_list_order():
     for seed in range(4000):
         counts[select_random(cases, 1, np.random.default_rng(seed))[0]] += 1
     assert np.all(np.abs(counts - 1000) < 120), counts
+
 
 def test_default_schedule_integrates_everything():
     # the paper's scale: M = 2901 unlabeled, nnU-Net's 1000 epochs

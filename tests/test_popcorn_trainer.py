@@ -197,7 +197,6 @@ def test_selection_round_integrates_k_cases(demo, make):
         other.prepare_unlabeled_data()
 
 
-
 def test_random_selection_ablation_draws_from_seed_and_round(demo, make):
     """selection 'random' (section 4.1's ablation without proximity graph): a round takes the cases drawn from
     (seed, round number), not the closest ones; a new trainer at the same round (as after --c) draws the same."""
@@ -212,9 +211,8 @@ def test_random_selection_ablation_draws_from_seed_and_round(demo, make):
     closest = first_round(make(demo, {**hp, "seed": 0}))["selected"]
     unlabeled = sorted(make(demo, hp).prepare_unlabeled_data())
     # a seed whose draw is not the proximity ranking's first two, so the test tells the two selections apart
-    seed = next(s for s in range(100) if [unlabeled[i] for i in np.random.default_rng([s, 1]).permutation(4)[:2]]
-                != closest)
-    expected = [unlabeled[i] for i in np.random.default_rng([seed, 1]).permutation(4)[:2]]
+    draws = {s: [unlabeled[i] for i in np.random.default_rng([s, 1]).permutation(4)[:2]] for s in range(100)}
+    seed, expected = next((s, d) for s, d in draws.items() if d != closest)
     trainer = make(demo, {**hp, "seed": seed, "selection": "random"})
     record = first_round(trainer)
     assert record["selected"] == expected != closest
@@ -223,6 +221,7 @@ def test_random_selection_ablation_draws_from_seed_and_round(demo, make):
     with pytest.raises(HParamError, match="'selection' = 'nearest' is invalid: expected one of 'proximity', "
                                           "'random'"):
         make(demo, {"selection": "nearest"}, initialize=False)
+
 
 def test_interrupted_round_leaves_a_consistent_state(demo, make, monkeypatch):
     trainer = make(demo, {"num_epochs": 4, "selection_size": 2})

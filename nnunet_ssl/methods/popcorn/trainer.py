@@ -7,9 +7,9 @@ Data selection (sections 2.3-2.4): the first ``first_step_epochs`` epochs train 
 ``epochs_per_round`` epochs, a selection round computes the latent representation of every training case
 (labeled and pseudo-labeled) and every remaining unlabeled case (the bottleneck features over nnU-Net's
 sliding-window tiles, averaged), scores each unlabeled case by the sum of its p smallest distances to the training
-set (eq. 6-7), pseudo-labels the K lowest-scoring ones (``selection`` 'random': K at random, the paper's
-ablation) with nnU-Net's predictor and adds them to the training set
-(a ``CombinedDataset`` read by nnU-Net's loader), until every unlabeled case is in.
+set (eq. 6-7), pseudo-labels the K lowest-scoring ones (``selection`` 'random': K at random, the paper's ablation)
+with nnU-Net's predictor and adds them to the training set (a ``CombinedDataset`` read by nnU-Net's loader), until
+every unlabeled case is in.
 
 State: the rounds (epoch, cases in the order selected, their scores) go into the checkpoint's ``nnunet_ssl`` entry
 and into ``popcorn_state.json`` in the fold folder; the pseudo-labels are ``popcorn_pseudo_labels/{case}_seg.b2nd``
@@ -362,8 +362,9 @@ class POPCORNTrainer(SemiSupervisedTrainer):
         proximity = proximity_matrix(np.stack([reps[c] for c in remaining]), np.stack([reps[c] for c in training]))
         scores = proximity_scores(proximity, self.schedule.num_neighbors)
         k = min(self.schedule.selection_size, len(remaining))
+        # 'random' still computes the scores: the round's record keeps them, and the ablation costs what POPCORN does
         chosen = (select_closest(scores, remaining, k) if self.hparams["selection"] == "proximity"
-                  else self.select_random(remaining, k, number))
+                  else self.random_choice(remaining, k, number))
         cases = [remaining[i] for i in chosen]
         encoded = time.perf_counter()
         self.predict_pseudo_labels(cases)
@@ -391,7 +392,7 @@ class POPCORNTrainer(SemiSupervisedTrainer):
         self.restart_training_dataloader()
         return record
 
-    def select_random(self, remaining: list[str], k: int, number: int) -> list[int]:
+    def random_choice(self, remaining: list[str], k: int, number: int) -> list[int]:
         """Random selection: seeded runs draw from (seed, round number), so a resumed run draws what an uninterrupted
         one would; unseeded DDP runs use rank 0's draw on every rank."""
         seed = self.hparams["seed"]
