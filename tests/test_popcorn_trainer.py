@@ -14,7 +14,7 @@ from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
 from nnunet_ssl.ext_trainers_path import trainers_path
 from nnunet_ssl.methods.popcorn.sampling import PairedDataLoader
-from nnunet_ssl.methods.popcorn.selection import derive_schedule
+from nnunet_ssl.methods.popcorn.selection import derive_schedule, select_random
 from nnunet_ssl.methods.popcorn.trainer import PSEUDO_LABEL_FOLDER, STATE_FILE, POPCORNTrainer
 from nnunet_ssl.training.hparams import HParamError
 
@@ -211,7 +211,7 @@ def test_random_selection_ablation_draws_from_seed_and_round(demo, make):
     closest = first_round(make(demo, {**hp, "seed": 0}))["selected"]
     unlabeled = sorted(make(demo, hp).prepare_unlabeled_data())
     # a seed whose draw is not the proximity ranking's first two, so the test tells the two selections apart
-    draws = {s: [unlabeled[i] for i in np.random.default_rng([s, 1]).permutation(4)[:2]] for s in range(100)}
+    draws = {s: [unlabeled[i] for i in select_random(unlabeled, 2, np.random.default_rng([s, 1]))] for s in range(100)}
     seed, expected = next((s, d) for s, d in draws.items() if d != closest)
     trainer = make(demo, {**hp, "seed": seed, "selection": "random"})
     record = first_round(trainer)
