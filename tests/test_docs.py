@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -36,6 +37,12 @@ def prose_and_anchors(path: Path) -> tuple[list[tuple[int, str]], set[str], bool
     return prose, anchors, not in_code
 
 
+@functools.cache
+def anchors_of(path: Path) -> frozenset[str]:
+    """A Markdown file's heading anchors, read once however many links point into it."""
+    return frozenset(prose_and_anchors(path)[1])
+
+
 def test_github_anchor_matches_githubs_rule():
     assert github_anchor("1200 iterations: every trainer with two labeled cases (three seeds)") == \
         "1200-iterations-every-trainer-with-two-labeled-cases-three-seeds"
@@ -46,7 +53,7 @@ def test_github_anchor_matches_githubs_rule():
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
 def test_markdown_fences_links_and_anchors(path: Path):
-    prose, anchors, closed = prose_and_anchors(path)
+    prose, _, closed = prose_and_anchors(path)
     assert closed, f"{path.name}: a code fence is never closed"
     stray = [n for n, line in prose if line.startswith("# ") and n > 1]
     assert not stray, f"{path.name}: top-level headings outside code blocks at lines {stray} (a fence out of step?)"
@@ -59,7 +66,6 @@ def test_markdown_fences_links_and_anchors(path: Path):
             linked = (path.parent / file).resolve() if file else path
             if not linked.exists():
                 broken.append(f"line {number}: {target} (no such file)")
-            elif anchor and linked.suffix == ".md" and anchor not in (
-                    prose_and_anchors(linked)[1] if file else anchors):
+            elif anchor and linked.suffix == ".md" and anchor not in anchors_of(linked):
                 broken.append(f"line {number}: {target} (no such heading)")
     assert not broken, f"{path.name}: " + "; ".join(broken)
