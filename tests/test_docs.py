@@ -19,7 +19,8 @@ def github_anchor(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
-def prose_and_anchors(path: Path) -> tuple[list[tuple[int, str]], set[str], bool]:
+@functools.cache  # README links into docs/benchmarks.md many times: read each file once
+def prose_and_anchors(path: Path) -> tuple[tuple[tuple[int, str], ...], frozenset[str], bool]:
     """The lines outside code blocks, the file's heading anchors and whether every code fence was closed."""
     prose, anchors, seen, in_code = [], set(), {}, False
     for number, line in enumerate(path.read_text().splitlines(), 1):
@@ -34,13 +35,7 @@ def prose_and_anchors(path: Path) -> tuple[list[tuple[int, str]], set[str], bool
             count = seen.get(anchor, 0)  # GitHub numbers repeated headings: x, x-1, x-2
             seen[anchor] = count + 1
             anchors.add(anchor if count == 0 else f"{anchor}-{count}")
-    return prose, anchors, not in_code
-
-
-@functools.cache
-def anchors_of(path: Path) -> frozenset[str]:
-    """A Markdown file's heading anchors, read once however many links point into it."""
-    return frozenset(prose_and_anchors(path)[1])
+    return tuple(prose), frozenset(anchors), not in_code
 
 
 def test_github_anchor_matches_githubs_rule():
@@ -66,6 +61,6 @@ def test_markdown_fences_links_and_anchors(path: Path):
             linked = (path.parent / file).resolve() if file else path
             if not linked.exists():
                 broken.append(f"line {number}: {target} (no such file)")
-            elif anchor and linked.suffix == ".md" and anchor not in anchors_of(linked):
+            elif anchor and linked.suffix == ".md" and anchor not in prose_and_anchors(linked)[1]:
                 broken.append(f"line {number}: {target} (no such heading)")
     assert not broken, f"{path.name}: " + "; ".join(broken)
