@@ -173,3 +173,40 @@ def test_signed_distance_targets_only_in_the_labeled_pipeline(demo, monkeypatch,
     labeled = trainer.get_training_transforms(*args)
     assert type(labeled.transforms[-1]).__name__ == "SignedDistanceTransform"
     assert labeled.transforms[-1].labels == [0, 1, 2] and labeled.transforms[-1].spacing == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("cls", [MeanTeacherTrainer, UGMCLTrainer])
+def test_student_gamma_changes_only_the_students_unlabeled_patches(cls, demo, monkeypatch, tmp_path):
+    trainer = _trainer(cls, demo, monkeypatch, tmp_path, {"student_gamma": 1.0})
+    data, unlabeled = torch.rand(2, 1, 8, 8, 8), torch.rand(3, 1, 8, 8, 8) * 4 - 1
+    x = trainer.student_input(data, unlabeled)
+    assert torch.equal(x[:2], data) and unlabeled.min() >= -1  # labeled part untouched, input not changed in place
+    for before, after in zip(unlabeled, x[2:]):
+        assert not torch.allclose(before, after)  # a gamma curve ...
+        torch.testing.assert_close(after.mean(), before.mean())  # ... keeping the patch's mean and std
+        torch.testing.assert_close(after.std(), before.std())
+        assert torch.equal(before.flatten().argsort(), after.flatten().argsort())  # monotone: order kept
+
+    seen = {}
+
+    class Seen(Exception):
+        pass
+
+    def teacher_prediction(batch):
+        seen["teacher"] = batch
+        raise Seen  # the rest of the step is tested above
+
+    trainer.teacher_prediction = teacher_prediction
+    with pytest.raises(Seen):
+        trainer.compute_losses(data, None, unlabeled)
+    torch.testing.assert_close(seen["teacher"][-3:], unlabeled)  # the teacher sees them without the curve
+    del trainer.teacher_prediction
+    batch = synthetic_batch(trainer, np.random.default_rng(0))
+    _feed(trainer, [batch])
+    trainer.on_train_epoch_start()
+    out = trainer.train_step(batch)  # a whole step with the curve
+    assert not out.pop("skipped") and all(np.isfinite(v).all() for v in out.values())
+
+    off = _trainer(cls, demo, monkeypatch, tmp_path / "off")
+    assert off.hparams["student_gamma"] == 0.0
+    assert torch.equal(off.student_input(data, unlabeled), torch.cat((data, unlabeled)))

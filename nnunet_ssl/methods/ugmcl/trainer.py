@@ -18,6 +18,8 @@ from functools import partial
 from typing import ClassVar
 
 import torch
+from batchgeneratorsv2.transforms.intensity.contrast import BGContrast
+from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
@@ -61,6 +63,11 @@ MEAN_TEACHER_HPARAMS: dict[str, HParam] = {
     **TEACHER_HPARAMS,
     "teacher_noise_std": HParam(0.1, float, "Std of the Gaussian noise added to the teacher's input.", low=0.0),
     "teacher_noise_clip": HParam(0.2, float, "The teacher's input noise is clipped to [-clip, clip].", low=0.0),
+    "student_gamma": HParam(0.0, float, "Not in the papers: probability that an unlabeled patch's student copy gets "
+                                        "a random gamma curve the teacher's copy does not (nnU-Net's GammaTransform, "
+                                        "gamma in (0.7, 1.5), statistics kept), so the consistency term asks for "
+                                        "the same prediction under a contrast change. 0: the papers' perturbation "
+                                        "only.", low=0.0, high=1.0),
     "consistency_on": HParam("unlabeled", str, "Images that get the teacher consistency term.",
                              choices=WHICH_IMAGES),
 }
@@ -201,12 +208,24 @@ class MeanTeacherTrainer(TeacherMixin, ConsistencyTrainerBase):
                             teacher: MCPrediction) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return mean_teacher_consistency(student_probs, teacher.probs), {}
 
+    def student_input(self, data: torch.Tensor, data_unlabeled: torch.Tensor) -> torch.Tensor:
+        """The student's batch: the labeled patches, then the unlabeled ones, each with probability
+        ``student_gamma`` through nnU-Net's gamma transform (the teacher sees them without it)."""
+        p = self.hparams["student_gamma"]
+        if p > 0:
+            gamma = GammaTransform(BGContrast((0.7, 1.5)), p_invert_image=0, synchronize_channels=False,
+                                   p_per_channel=1, p_retain_stats=1)
+            data_unlabeled = data_unlabeled.clone()  # the transform works in place
+            for i in torch.nonzero(torch.rand(len(data_unlabeled)) < p).flatten().tolist():
+                data_unlabeled[i] = gamma(image=data_unlabeled[i])["image"]
+        return torch.cat((data, data_unlabeled))
+
     def compute_losses(self, data, target, data_unlabeled):
         n_l = data.shape[0]
-        x = torch.cat((data, data_unlabeled))
         images = _images(self.hparams["consistency_on"], n_l)
-        teacher = self.teacher_prediction(x[images])  # first: its memory is freed before the student's
-        output = self.network(x)
+        # first: its memory is freed before the student's
+        teacher = self.teacher_prediction(torch.cat((data, data_unlabeled))[images])
+        output = self.network(self.student_input(data, data_unlabeled))
         seg_target, _ = self.split_target(target)
         supervised = self.supervised_loss(output, seg_target, n_l)
         student_probs = probabilities(self.full_resolution(output)[images].float(), self.regions)
@@ -304,11 +323,11 @@ class UGMCLTrainer(SignedDistanceMixin, UAMTTrainer):
     def compute_losses(self, data, target, data_unlabeled):
         h = self.hparams
         n_l = data.shape[0]
-        x = torch.cat((data, data_unlabeled))
         intra = _images(h["consistency_on"], n_l)
-        teacher = self.teacher_prediction(x[intra])  # before the student: see MeanTeacherTrainer
+        # before the student: see MeanTeacherTrainer
+        teacher = self.teacher_prediction(torch.cat((data, data_unlabeled))[intra])
         mask = self.certainty(teacher)
-        output, sdf = self.network(x, return_sdf=True)
+        output, sdf = self.network(self.student_input(data, data_unlabeled), return_sdf=True)
         seg_loss, sdf_loss = self.dual_task_supervised(output, sdf, target, n_l)
         probs = probabilities(self.full_resolution(output).float(), self.regions)
 
