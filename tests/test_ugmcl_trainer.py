@@ -179,8 +179,9 @@ def test_signed_distance_targets_only_in_the_labeled_pipeline(demo, monkeypatch,
 def test_student_gamma_changes_only_the_students_unlabeled_patches(cls, demo, monkeypatch, tmp_path):
     trainer = _trainer(cls, demo, monkeypatch, tmp_path, {"student_gamma": 1.0})
     data, unlabeled = torch.rand(2, 1, 8, 8, 8), torch.rand(3, 1, 8, 8, 8) * 4 - 1
-    x = trainer.student_input(data, unlabeled)
-    assert torch.equal(x[:2], data) and unlabeled.min() >= -1  # labeled part untouched, input not changed in place
+    patches = torch.cat((data, unlabeled))
+    x = trainer.student_input(patches, 2)
+    assert torch.equal(x[:2], data) and torch.equal(patches[2:], unlabeled)  # labeled part untouched, input unchanged
     for before, after in zip(unlabeled, x[2:]):
         assert not torch.allclose(before, after)  # a gamma curve ...
         torch.testing.assert_close(after.mean(), before.mean())  # ... keeping the patch's mean and std
@@ -194,7 +195,7 @@ def test_student_gamma_changes_only_the_students_unlabeled_patches(cls, demo, mo
 
     def teacher_prediction(batch):
         seen["teacher"] = batch
-        raise Seen  # the rest of the step is tested above
+        raise Seen  # a whole step follows below
 
     trainer.teacher_prediction = teacher_prediction
     with pytest.raises(Seen):
@@ -209,4 +210,4 @@ def test_student_gamma_changes_only_the_students_unlabeled_patches(cls, demo, mo
 
     off = _trainer(cls, demo, monkeypatch, tmp_path / "off")
     assert off.hparams["student_gamma"] == 0.0
-    assert torch.equal(off.student_input(data, unlabeled), torch.cat((data, unlabeled)))
+    assert off.student_input(patches, 2) is patches  # the papers' batch, not even copied

@@ -97,6 +97,10 @@ UGMCL_HPARAMS: dict[str, HParam] = {
                    low=0.0, high=1.0),
 }
 
+# student_gamma's transform: nnU-Net's gamma augmentation without inversion, statistics kept
+STUDENT_GAMMA = GammaTransform(BGContrast((0.7, 1.5)), p_invert_image=0, synchronize_channels=False, p_per_channel=1,
+                               p_retain_stats=1)
+
 
 def _network(plans_manager: PlansManager, configuration_manager: ConfigurationManager, num_input_channels: int,
              num_output_channels: int, enable_deep_supervision: bool, regression_head: bool) -> DualTaskUNet:
@@ -208,24 +212,23 @@ class MeanTeacherTrainer(TeacherMixin, ConsistencyTrainerBase):
                             teacher: MCPrediction) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return mean_teacher_consistency(student_probs, teacher.probs), {}
 
-    def student_input(self, data: torch.Tensor, data_unlabeled: torch.Tensor) -> torch.Tensor:
-        """The student's batch: the labeled patches, then the unlabeled ones, each with probability
-        ``student_gamma`` through nnU-Net's gamma transform (the teacher sees them without it)."""
+    def student_input(self, x: torch.Tensor, num_labeled: int) -> torch.Tensor:
+        """The student's batch: ``x`` (labeled patches, then unlabeled ones) with each unlabeled patch, with
+        probability ``student_gamma``, through nnU-Net's gamma transform (the teacher sees ``x`` itself)."""
         p = self.hparams["student_gamma"]
-        if p > 0:
-            gamma = GammaTransform(BGContrast((0.7, 1.5)), p_invert_image=0, synchronize_channels=False,
-                                   p_per_channel=1, p_retain_stats=1)
-            data_unlabeled = data_unlabeled.clone()  # the transform works in place
-            for i in torch.nonzero(torch.rand(len(data_unlabeled)) < p).flatten().tolist():
-                data_unlabeled[i] = gamma(image=data_unlabeled[i])["image"]
-        return torch.cat((data, data_unlabeled))
+        if p == 0:
+            return x
+        x = x.clone()  # the transform works in place
+        for i in torch.nonzero(torch.rand(len(x) - num_labeled) < p).flatten().tolist():
+            x[num_labeled + i] = STUDENT_GAMMA(image=x[num_labeled + i])["image"]
+        return x
 
     def compute_losses(self, data, target, data_unlabeled):
         n_l = data.shape[0]
+        x = torch.cat((data, data_unlabeled))
         images = _images(self.hparams["consistency_on"], n_l)
-        # first: its memory is freed before the student's
-        teacher = self.teacher_prediction(torch.cat((data, data_unlabeled))[images])
-        output = self.network(self.student_input(data, data_unlabeled))
+        teacher = self.teacher_prediction(x[images])  # first: its memory is freed before the student's
+        output = self.network(self.student_input(x, n_l))
         seg_target, _ = self.split_target(target)
         supervised = self.supervised_loss(output, seg_target, n_l)
         student_probs = probabilities(self.full_resolution(output)[images].float(), self.regions)
@@ -323,11 +326,11 @@ class UGMCLTrainer(SignedDistanceMixin, UAMTTrainer):
     def compute_losses(self, data, target, data_unlabeled):
         h = self.hparams
         n_l = data.shape[0]
+        x = torch.cat((data, data_unlabeled))
         intra = _images(h["consistency_on"], n_l)
-        # before the student: see MeanTeacherTrainer
-        teacher = self.teacher_prediction(torch.cat((data, data_unlabeled))[intra])
+        teacher = self.teacher_prediction(x[intra])  # before the student: see MeanTeacherTrainer
         mask = self.certainty(teacher)
-        output, sdf = self.network(self.student_input(data, data_unlabeled), return_sdf=True)
+        output, sdf = self.network(self.student_input(x, n_l), return_sdf=True)
         seg_loss, sdf_loss = self.dual_task_supervised(output, sdf, target, n_l)
         probs = probabilities(self.full_resolution(output).float(), self.regions)
 
