@@ -23,6 +23,7 @@ from nnunet_ssl.methods.ugmcl.trainer import (
     UAMTTrainer,
     UGMCLTrainer,
     dropout_advice,
+    mc_passes_advice,
 )
 from nnunet_ssl.training.hparams import HParamError, resolve_hparams
 
@@ -71,6 +72,27 @@ def test_training_log_warns_of_dropout_with_one_labeled_case(demo, monkeypatch, 
     trainer.shutdown_unlabeled_dataloader()
     log = Path(trainer.log_file).read_text()
     assert "1 labeled training case(s)" in log and "warning: dropout_p = 0.5 with a single labeled" in log
+
+
+@pytest.mark.parametrize("dropout_p, mc_passes, noted", [(0.0, 8, True), (0.0, 2, True), (0.0, 1, False),
+                                                          (0.5, 8, False), (0.1, 1, False)])
+def test_mc_passes_advice_only_when_the_passes_cannot_differ(dropout_p, mc_passes, noted):
+    advice = mc_passes_advice(dropout_p, mc_passes)
+    assert (advice is not None) == noted
+    if noted:
+        assert f"{mc_passes} Monte-Carlo passes are one prediction repeated" in advice
+
+
+@pytest.mark.parametrize("cls", [UAMTTrainer, UGMCLTrainer])
+def test_training_log_notes_identical_passes_without_dropout(cls, demo, monkeypatch, tmp_path):
+    monkeypatch.setenv("nnUNet_n_proc_DA", "0")
+    trainer = _trainer(cls, demo, monkeypatch, tmp_path, {"dropout_p": 0.0})
+    trainer.on_train_start()
+    trainer.shutdown_unlabeled_dataloader()
+    x = torch.randn(2, trainer.num_input_channels, *trainer.configuration_manager.patch_size)
+    teacher = trainer.teacher_prediction(x)
+    torch.testing.assert_close(teacher.mean_probs, teacher.probs)  # the passes are one prediction repeated
+    assert "note: dropout_p = 0, so the teacher's 8 Monte-Carlo passes" in Path(trainer.log_file).read_text()
 
 
 def _trainer(cls, demo, monkeypatch, tmp_path, hparams: dict | None = None, configuration: str = "3d_fullres"):

@@ -120,6 +120,16 @@ def dropout_advice(num_labeled: int, dropout_p: float) -> str | None:
             f"nnUNet_ssl_hparams (README, UGMCLTrainer: Dropout).")
 
 
+def mc_passes_advice(dropout_p: float, mc_passes: int) -> str | None:
+    """A note for the training log when the teacher's Monte-Carlo passes cannot differ (no dropout: the channel
+    dropout is their only randomness, the input noise is drawn once); None otherwise."""
+    if dropout_p != 0 or mc_passes == 1:
+        return None
+    return (f"note: dropout_p = 0, so the teacher's {mc_passes} Monte-Carlo passes are one prediction repeated and "
+            f"the uncertainty of eq. 3 is that prediction's entropy. Set dropout_p > 0 for the papers' Monte-Carlo "
+            f"uncertainty, or mc_passes to 1 to say what is computed.")
+
+
 def _images(which: str, num_labeled: int) -> slice:
     return slice(num_labeled, None) if which == "unlabeled" else slice(None)
 
@@ -245,6 +255,12 @@ class UAMTTrainer(MeanTeacherTrainer):
 
     def mc_passes(self) -> int:
         return self.hparams["mc_passes"]
+
+    def on_train_start(self):
+        super().on_train_start()
+        advice = mc_passes_advice(self.hparams["dropout_p"], self.hparams["mc_passes"])
+        if advice is not None:
+            self.print_to_log_file(advice)
 
     def certainty(self, teacher: MCPrediction) -> torch.Tensor:
         """I(u < u_th) from p-hat, the teacher's mean probabilities (eq. 3; threshold ramped as in UA-MT)."""
