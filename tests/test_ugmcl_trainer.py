@@ -53,13 +53,18 @@ def test_defaults_are_the_papers():
     assert "ema_alpha" not in DTC_HPARAMS and "consistency_weight" not in DTC_HPARAMS
 
 
-@pytest.mark.parametrize("num_labeled, dropout_p, warned", [(1, 0.5, True), (1, 0.1, True), (1, 0.0, False),
-                                                             (2, 0.5, False), (3, 0.5, False)])
-def test_dropout_advice_only_for_a_single_labeled_case_with_dropout(num_labeled, dropout_p, warned):
-    advice = dropout_advice(num_labeled, dropout_p)
-    assert (advice is not None) == warned
-    if warned:
-        assert f"dropout_p = {dropout_p}" in advice and "dropout_p to 0" in advice
+@pytest.mark.parametrize("advice, args, expected", [
+    # dropout with a single labeled case
+    (dropout_advice, (1, 0.5), ("dropout_p = 0.5", "dropout_p to 0")), (dropout_advice, (1, 0.1), ("dropout_p = 0.1",)),
+    (dropout_advice, (1, 0.0), None), (dropout_advice, (2, 0.5), None), (dropout_advice, (3, 0.5), None),
+    # Monte-Carlo passes that cannot differ
+    (mc_passes_advice, (0.0, 8), ("8 Monte-Carlo passes are one prediction repeated",)),
+    (mc_passes_advice, (0.0, 2), ("2 Monte-Carlo passes are one prediction repeated",)),
+    (mc_passes_advice, (0.0, 1), None), (mc_passes_advice, (0.5, 8), None), (mc_passes_advice, (0.1, 1), None)])
+def test_log_advice_only_where_it_applies(advice, args, expected):
+    text = advice(*args)
+    assert (text is None) == (expected is None)
+    assert all(e in text for e in expected or ())
 
 
 def test_training_log_warns_of_dropout_with_one_labeled_case(demo, monkeypatch, tmp_path):
@@ -72,15 +77,6 @@ def test_training_log_warns_of_dropout_with_one_labeled_case(demo, monkeypatch, 
     trainer.shutdown_unlabeled_dataloader()
     log = Path(trainer.log_file).read_text()
     assert "1 labeled training case(s)" in log and "warning: dropout_p = 0.5 with a single labeled" in log
-
-
-@pytest.mark.parametrize("dropout_p, mc_passes, noted", [(0.0, 8, True), (0.0, 2, True), (0.0, 1, False),
-                                                          (0.5, 8, False), (0.1, 1, False)])
-def test_mc_passes_advice_only_when_the_passes_cannot_differ(dropout_p, mc_passes, noted):
-    advice = mc_passes_advice(dropout_p, mc_passes)
-    assert (advice is not None) == noted
-    if noted:
-        assert f"{mc_passes} Monte-Carlo passes are one prediction repeated" in advice
 
 
 @pytest.mark.parametrize("cls", [UAMTTrainer, UGMCLTrainer])
