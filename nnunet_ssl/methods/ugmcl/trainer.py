@@ -153,9 +153,13 @@ class ConsistencyTrainerBase(SemiSupervisedTrainer):
 
     def on_train_start(self):
         super().on_train_start()
-        advice = dropout_advice(len(self.do_split()[0]), self.hparams["dropout_p"])
-        if advice is not None:
-            self.print_to_log_file(advice)
+        for advice in self.training_advice():
+            if advice is not None:
+                self.print_to_log_file(advice)
+
+    def training_advice(self) -> list[str | None]:
+        """Warnings and notes for the training log about this run's settings (None: nothing to say)."""
+        return [dropout_advice(len(self.do_split()[0]), self.hparams["dropout_p"])]
 
     def apply_method_hparams(self) -> None:
         """Hyper-parameters that live in modules (again after ``--c``, which restores the checkpoint's values)."""
@@ -256,11 +260,8 @@ class UAMTTrainer(MeanTeacherTrainer):
     def mc_passes(self) -> int:
         return self.hparams["mc_passes"]
 
-    def on_train_start(self):
-        super().on_train_start()
-        advice = mc_passes_advice(self.hparams["dropout_p"], self.hparams["mc_passes"])
-        if advice is not None:
-            self.print_to_log_file(advice)
+    def training_advice(self) -> list[str | None]:
+        return [*super().training_advice(), mc_passes_advice(self.hparams["dropout_p"], self.hparams["mc_passes"])]
 
     def certainty(self, teacher: MCPrediction) -> torch.Tensor:
         """I(u < u_th) from p-hat, the teacher's mean probabilities (eq. 3; threshold ramped as in UA-MT)."""
