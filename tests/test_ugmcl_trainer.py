@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from benchmark_iteration import synthetic_batch
+from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5 import nnUNetTrainerDA5
 
 from nnunet_ssl.data.labeled_fraction import make_labeled_fraction
 from nnunet_ssl.data.unlabeled import labeled_case_ids
@@ -22,6 +23,8 @@ from nnunet_ssl.methods.ugmcl.trainer import (
     MeanTeacherTrainer,
     UAMTTrainer,
     UGMCLTrainer,
+    _leaves,
+    da5_intensity_transforms,
     dropout_advice,
     mc_passes_advice,
 )
@@ -229,3 +232,56 @@ def test_student_gamma_changes_only_the_students_unlabeled_patches(cls, demo, mo
     off = _trainer(cls, demo, monkeypatch, tmp_path / "off")
     assert off.hparams["student_gamma"] == 0.0
     assert off.student_input(patches, 2) is patches  # the papers' batch, not even copied
+
+
+def test_student_intensity_keeps_da5s_intensity_transforms_only():
+    full = nnUNetTrainerDA5.get_training_transforms((32, 32, 32), 0.0, None, (0, 1, 2), False)
+    every = {type(leaf).__name__ for t in full.transforms for leaf in _leaves(t)}
+    kept = da5_intensity_transforms((32, 32, 32), False)
+    names = [type(leaf).__name__ for t in kept.transforms for leaf in _leaves(t)]
+    assert set(names) == {"MedianFilterTransform", "GaussianBlurTransform", "GaussianNoiseTransform",
+                          "BrightnessAdditiveTransform", "ContrastTransform", "SimulateLowResolutionTransform",
+                          "GammaTransform", "BrightnessGradientAdditiveTransform", "LocalGammaTransform",
+                          "SharpeningTransform"}
+    assert {"SpatialTransform", "MirrorTransform", "BlankRectangleTransform"} <= every - set(names)  # left out
+    assert names.count("GammaTransform") == 2 and names.count("ContrastTransform") == 2  # as DA5 has them
+    # DA5's own probabilities (per transform and per channel): a patch drawn 200 times is left as it is in about a
+    # quarter of the draws
+    torch.manual_seed(0)
+    np.random.seed(0)
+    x = torch.randn(1, 32, 32, 32)
+    changed = [not torch.equal(kept(image=x.clone())["image"], x) for _ in range(200)]
+    assert 100 < sum(changed) < 200
+
+
+@pytest.mark.parametrize("cls", [MeanTeacherTrainer, UGMCLTrainer])
+def test_student_intensity_changes_only_the_students_unlabeled_patches(cls, demo, monkeypatch, tmp_path):
+    trainer = _trainer(cls, demo, monkeypatch, tmp_path, {"student_intensity": 1.0})
+    torch.manual_seed(0)
+    np.random.seed(0)
+    data, unlabeled = torch.rand(2, 1, 16, 16, 16), torch.randn(8, 1, 16, 16, 16)
+    patches = torch.cat((data, unlabeled))
+    x = trainer.student_input(patches, 2)
+    assert torch.equal(x[:2], data) and torch.equal(patches[2:], unlabeled)  # labeled part untouched, input unchanged
+    assert any(not torch.equal(a, b) for a, b in zip(unlabeled, x[2:]))  # each at DA5's probabilities
+    assert torch.isfinite(x).all()
+
+    seen = {}
+
+    class Seen(Exception):
+        pass
+
+    def teacher_prediction(batch):
+        seen["teacher"] = batch
+        raise Seen
+
+    trainer.teacher_prediction = teacher_prediction
+    with pytest.raises(Seen):
+        trainer.compute_losses(data, None, unlabeled)
+    torch.testing.assert_close(seen["teacher"][-8:], unlabeled)  # the teacher sees them as they were
+    del trainer.teacher_prediction
+    batch = synthetic_batch(trainer, np.random.default_rng(0))
+    _feed(trainer, [batch])
+    trainer.on_train_epoch_start()
+    out = trainer.train_step(batch)  # a whole step with the transforms, at the trainer's own patch size
+    assert not out.pop("skipped") and all(np.isfinite(v).all() for v in out.values())

@@ -18,9 +18,20 @@ from functools import partial
 from typing import ClassVar
 
 import torch
-from batchgeneratorsv2.transforms.intensity.contrast import BGContrast
+from batchgeneratorsv2.transforms.intensity.brightness import BrightnessAdditiveTransform
+from batchgeneratorsv2.transforms.intensity.contrast import BGContrast, ContrastTransform
 from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
+from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
+from batchgeneratorsv2.transforms.local.brightness_gradient import BrightnessGradientAdditiveTransform
+from batchgeneratorsv2.transforms.local.local_gamma import LocalGammaTransform
+from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
+from batchgeneratorsv2.transforms.noise.median_filter import MedianFilterTransform
+from batchgeneratorsv2.transforms.noise.sharpen import SharpeningTransform
+from batchgeneratorsv2.transforms.spatial.low_resolution import SimulateLowResolutionTransform
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from batchgeneratorsv2.transforms.utils.random import OneOfTransform, RandomTransform
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5 import nnUNetTrainerDA5
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
@@ -68,6 +79,12 @@ MEAN_TEACHER_HPARAMS: dict[str, HParam] = {
                                         "gamma in (0.7, 1.5), statistics kept), so the consistency term asks for "
                                         "the same prediction under a contrast change. 0: the papers' perturbation "
                                         "only.", low=0.0, high=1.0),
+    "student_intensity": HParam(0.0, float, "Not in the papers: probability that an unlabeled patch's student copy "
+                                            "goes through the intensity transforms of nnU-Net's nnUNetTrainerDA5 "
+                                            "(filters, noise, brightness, contrast, low resolution, gamma, "
+                                            "brightness gradient, local gamma, sharpening; each at DA5's own "
+                                            "probability and range) that the teacher's copy does not, after "
+                                            "student_gamma's curve. 0: none.", low=0.0, high=1.0),
     "consistency_on": HParam("unlabeled", str, "Images that get the teacher consistency term.",
                              choices=WHICH_IMAGES),
 }
@@ -100,6 +117,29 @@ UGMCL_HPARAMS: dict[str, HParam] = {
 # student_gamma's transform: nnU-Net's gamma augmentation without inversion, statistics kept
 STUDENT_GAMMA = GammaTransform(BGContrast((0.7, 1.5)), p_invert_image=0, synchronize_channels=False, p_per_channel=1,
                                p_retain_stats=1)
+
+# student_intensity's transforms: the intensity part of nnUNetTrainerDA5's pipeline (no spatial, mirroring, masking,
+# segmentation or blank-rectangle transform: the student's patch must stay aligned with the teacher's)
+DA5_INTENSITY_TRANSFORMS = (MedianFilterTransform, GaussianBlurTransform, GaussianNoiseTransform,
+                            BrightnessAdditiveTransform, ContrastTransform, SimulateLowResolutionTransform,
+                            GammaTransform, BrightnessGradientAdditiveTransform, LocalGammaTransform,
+                            SharpeningTransform)
+
+
+def _leaves(transform) -> list:
+    if isinstance(transform, RandomTransform):
+        return _leaves(transform.transform)
+    if isinstance(transform, OneOfTransform):
+        return [leaf for t in transform.list_of_transforms for leaf in _leaves(t)]
+    return [transform]
+
+
+def da5_intensity_transforms(patch_size, do_dummy_2d_data_aug: bool) -> ComposeTransforms:
+    """nnUNetTrainerDA5's training pipeline for ``patch_size`` reduced to its intensity transforms, each kept with
+    its random wrapper (DA5's probabilities), in DA5's order."""
+    pipeline = nnUNetTrainerDA5.get_training_transforms(patch_size, 0.0, None, None, do_dummy_2d_data_aug)
+    return ComposeTransforms([t for t in pipeline.transforms
+                              if all(isinstance(leaf, DA5_INTENSITY_TRANSFORMS) for leaf in _leaves(t))])
 
 
 def _network(plans_manager: PlansManager, configuration_manager: ConfigurationManager, num_input_channels: int,
@@ -211,6 +251,7 @@ class ConsistencyTrainerBase(SemiSupervisedTrainer):
 class MeanTeacherTrainer(TeacherMixin, ConsistencyTrainerBase):
     hparam_spec: ClassVar[dict[str, HParam]] = MEAN_TEACHER_HPARAMS
     extra_log_keys: ClassVar[tuple[str, ...]] = ("loss_supervised", "loss_consistency", "consistency_weight")
+    _student_intensity: ComposeTransforms | None = None  # built at first use (needs the patch size)
 
     def mc_passes(self) -> int:
         return 1  # the mean teacher's target is one stochastic pass
@@ -228,13 +269,23 @@ class MeanTeacherTrainer(TeacherMixin, ConsistencyTrainerBase):
 
     def student_input(self, x: torch.Tensor, num_labeled: int) -> torch.Tensor:
         """The student's batch: ``x`` (labeled patches, then unlabeled ones) with each unlabeled patch, with
-        probability ``student_gamma``, through nnU-Net's gamma transform (the teacher sees ``x`` itself)."""
-        p = self.hparams["student_gamma"]
-        if p == 0:
+        probability ``student_gamma``, through nnU-Net's gamma transform, then, with probability
+        ``student_intensity``, through DA5's intensity transforms (the teacher sees ``x`` itself)."""
+        p_gamma, p_intensity = self.hparams["student_gamma"], self.hparams["student_intensity"]
+        if p_gamma == 0 and p_intensity == 0:
             return x
-        x = x.clone()  # the transform works in place
-        for i in torch.nonzero(torch.rand(len(x) - num_labeled) < p).flatten().tolist():
+        x = x.clone()  # the transforms work in place
+        n_u = len(x) - num_labeled
+        for i in torch.nonzero(torch.rand(n_u) < p_gamma).flatten().tolist():
             x[num_labeled + i] = STUDENT_GAMMA(image=x[num_labeled + i])["image"]
+        if p_intensity > 0:
+            if self._student_intensity is None:
+                dummy_2d = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[1]
+                self._student_intensity = da5_intensity_transforms(self.configuration_manager.patch_size, dummy_2d)
+            for i in torch.nonzero(torch.rand(n_u) < p_intensity).flatten().tolist():
+                # on the CPU, where nnU-Net's augmentation runs (some transforms make their fields there)
+                patch = x[num_labeled + i].detach().cpu()
+                x[num_labeled + i] = self._student_intensity(image=patch)["image"].to(x.device)
         return x
 
     def compute_losses(self, data, target, data_unlabeled):
