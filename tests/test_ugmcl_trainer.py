@@ -196,6 +196,30 @@ def test_signed_distance_targets_only_in_the_labeled_pipeline(demo, monkeypatch,
     assert labeled.transforms[-1].labels == [0, 1, 2] and labeled.transforms[-1].spacing == [1.0, 1.0, 1.0]
 
 
+def _check_teacher_sees_the_unperturbed_patches(trainer, data: torch.Tensor, unlabeled: torch.Tensor) -> None:
+    """The teacher's batch of a step ends with ``unlabeled`` as given; then a whole training step with the
+    student's perturbation has finite losses."""
+    seen = {}
+
+    class Seen(Exception):
+        pass
+
+    def teacher_prediction(batch):
+        seen["teacher"] = batch
+        raise Seen  # stop the step here
+
+    trainer.teacher_prediction = teacher_prediction
+    with pytest.raises(Seen):
+        trainer.compute_losses(data, None, unlabeled)
+    torch.testing.assert_close(seen["teacher"][-len(unlabeled):], unlabeled)
+    del trainer.teacher_prediction
+    batch = synthetic_batch(trainer, np.random.default_rng(0))
+    _feed(trainer, [batch])
+    trainer.on_train_epoch_start()
+    out = trainer.train_step(batch)  # at the trainer's own patch size
+    assert not out.pop("skipped") and all(np.isfinite(v).all() for v in out.values())
+
+
 @pytest.mark.parametrize("cls", [MeanTeacherTrainer, UGMCLTrainer])
 def test_student_gamma_changes_only_the_students_unlabeled_patches(cls, demo, monkeypatch, tmp_path):
     trainer = _trainer(cls, demo, monkeypatch, tmp_path, {"student_gamma": 1.0})
@@ -208,26 +232,7 @@ def test_student_gamma_changes_only_the_students_unlabeled_patches(cls, demo, mo
         torch.testing.assert_close(after.mean(), before.mean())  # ... keeping the patch's mean and std
         torch.testing.assert_close(after.std(), before.std())
         assert torch.equal(before.flatten().argsort(), after.flatten().argsort())  # monotone: order kept
-
-    seen = {}
-
-    class Seen(Exception):
-        pass
-
-    def teacher_prediction(batch):
-        seen["teacher"] = batch
-        raise Seen  # a whole step follows below
-
-    trainer.teacher_prediction = teacher_prediction
-    with pytest.raises(Seen):
-        trainer.compute_losses(data, None, unlabeled)
-    torch.testing.assert_close(seen["teacher"][-3:], unlabeled)  # the teacher sees them without the curve
-    del trainer.teacher_prediction
-    batch = synthetic_batch(trainer, np.random.default_rng(0))
-    _feed(trainer, [batch])
-    trainer.on_train_epoch_start()
-    out = trainer.train_step(batch)  # a whole step with the curve
-    assert not out.pop("skipped") and all(np.isfinite(v).all() for v in out.values())
+    _check_teacher_sees_the_unperturbed_patches(trainer, data, unlabeled)
 
     off = _trainer(cls, demo, monkeypatch, tmp_path / "off")
     assert off.hparams["student_gamma"] == 0.0
@@ -265,23 +270,4 @@ def test_student_intensity_changes_only_the_students_unlabeled_patches(cls, demo
     assert torch.equal(x[:2], data) and torch.equal(patches[2:], unlabeled)  # labeled part untouched, input unchanged
     assert any(not torch.equal(a, b) for a, b in zip(unlabeled, x[2:]))  # each at DA5's probabilities
     assert torch.isfinite(x).all()
-
-    seen = {}
-
-    class Seen(Exception):
-        pass
-
-    def teacher_prediction(batch):
-        seen["teacher"] = batch
-        raise Seen
-
-    trainer.teacher_prediction = teacher_prediction
-    with pytest.raises(Seen):
-        trainer.compute_losses(data, None, unlabeled)
-    torch.testing.assert_close(seen["teacher"][-8:], unlabeled)  # the teacher sees them as they were
-    del trainer.teacher_prediction
-    batch = synthetic_batch(trainer, np.random.default_rng(0))
-    _feed(trainer, [batch])
-    trainer.on_train_epoch_start()
-    out = trainer.train_step(batch)  # a whole step with the transforms, at the trainer's own patch size
-    assert not out.pop("skipped") and all(np.isfinite(v).all() for v in out.values())
+    _check_teacher_sees_the_unperturbed_patches(trainer, data, unlabeled)
