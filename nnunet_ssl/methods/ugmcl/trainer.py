@@ -14,7 +14,7 @@ passes without gradient, then one loss, one backward, one optimizer step and the
 
 from __future__ import annotations
 
-from functools import partial
+from functools import cached_property, partial
 from typing import ClassVar
 
 import torch
@@ -251,7 +251,6 @@ class ConsistencyTrainerBase(SemiSupervisedTrainer):
 class MeanTeacherTrainer(TeacherMixin, ConsistencyTrainerBase):
     hparam_spec: ClassVar[dict[str, HParam]] = MEAN_TEACHER_HPARAMS
     extra_log_keys: ClassVar[tuple[str, ...]] = ("loss_supervised", "loss_consistency", "consistency_weight")
-    _student_intensity: ComposeTransforms | None = None  # built at first use (needs the patch size)
 
     def mc_passes(self) -> int:
         return 1  # the mean teacher's target is one stochastic pass
@@ -279,14 +278,17 @@ class MeanTeacherTrainer(TeacherMixin, ConsistencyTrainerBase):
         for i in torch.nonzero(torch.rand(n_u) < p_gamma).flatten().tolist():
             x[num_labeled + i] = STUDENT_GAMMA(image=x[num_labeled + i])["image"]
         if p_intensity > 0:
-            if self._student_intensity is None:
-                dummy_2d = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[1]
-                self._student_intensity = da5_intensity_transforms(self.configuration_manager.patch_size, dummy_2d)
             for i in torch.nonzero(torch.rand(n_u) < p_intensity).flatten().tolist():
                 # on the CPU, where nnU-Net's augmentation runs (some transforms make their fields there)
                 patch = x[num_labeled + i].detach().cpu()
-                x[num_labeled + i] = self._student_intensity(image=patch)["image"].to(x.device)
+                x[num_labeled + i] = self.student_intensity_transforms(image=patch)["image"].to(x.device)
         return x
+
+    @cached_property
+    def student_intensity_transforms(self) -> ComposeTransforms:
+        """``student_intensity``'s pipeline for this configuration's patch size (built at first use)."""
+        dummy_2d = self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()[1]
+        return da5_intensity_transforms(self.configuration_manager.patch_size, dummy_2d)
 
     def compute_losses(self, data, target, data_unlabeled):
         n_l = data.shape[0]
