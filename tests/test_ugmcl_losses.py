@@ -11,6 +11,7 @@ from nnunet_ssl.methods.ugmcl.losses import (
     inverse_sdf_transform,
     masked_mean_squared_error,
     mean_teacher_consistency,
+    pseudo_label_consistency,
     sdf_regression_loss,
     supervised_objective,
     total_objective,
@@ -120,3 +121,36 @@ def test_threshold_and_mask_by_hand():
     assert uncertainty_threshold(0.5, 2) == pytest.approx(0.875 * math.log(2))
     u = torch.tensor([0.1, 0.5198, 0.52, 0.7])  # 0.75 ln 2 = 0.51986
     assert certainty_mask(u, 0.75 * math.log(2)).tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_pseudo_label_consistency_softmax_by_hand():
+    # teacher: voxel 0 class 0 at 0.97 (kept), voxel 1 at 0.6 (below 0.95: left out), voxel 2 class 1 at 0.99 (kept)
+    teacher = torch.tensor([[[0.97, 0.6, 0.01], [0.03, 0.4, 0.99]]])
+    logits = torch.tensor([[[0.0, 5.0, 2.0], [0.0, -5.0, 0.0]]])
+    # voxel 0: -log softmax([0, 0])_0 = ln 2; voxel 2: -log softmax([2, 0])_1 = ln(1 + e^2); over all 3 voxels
+    expected = (math.log(2) + math.log(1 + math.e ** 2)) / 3
+    assert pseudo_label_consistency(logits, teacher, 0.95, regions=False).item() == pytest.approx(expected)
+    # UA-MT's certainty mask multiplies in; threshold 0 counts voxel 1 too (-log softmax([5, -5])_0)
+    mask = torch.tensor([[[1.0, 1.0, 0.0]]])
+    assert pseudo_label_consistency(logits, teacher, 0.95, False, mask).item() == pytest.approx(math.log(2) / 3)
+    with_voxel_1 = expected + math.log(1 + math.exp(-10)) / 3
+    assert pseudo_label_consistency(logits, teacher, 0.0, False).item() == pytest.approx(with_voxel_1)
+
+
+def test_pseudo_label_consistency_regions_by_hand():
+    # one region channel: p 0.97 -> label 1 (kept), 0.5 -> confidence 0.5 (left out), 0.02 -> label 0 (kept)
+    teacher = torch.tensor([[[0.97, 0.5, 0.02]]])
+    logits = torch.tensor([[[0.0, 3.0, 1.0]]])
+    # BCE(0, 1) = ln 2; BCE(1, 0) = ln(1 + e)
+    expected = (math.log(2) + math.log(1 + math.e)) / 3
+    assert pseudo_label_consistency(logits, teacher, 0.95, regions=True).item() == pytest.approx(expected)
+
+
+def test_pseudo_label_consistency_corrects_a_confidently_wrong_student():
+    teacher = torch.tensor([[[0.99], [0.01]]], requires_grad=True)  # class 0
+    logits = torch.tensor([[[-30.0], [30.0]]], requires_grad=True)  # the student: class 1, certain
+    pseudo_label_consistency(logits, teacher, 0.95, False).backward()
+    assert teacher.grad is None and logits.grad[0, 0, 0].item() == pytest.approx(-1.0)  # d CE / d logit_0
+    squared = torch.tensor([[[-30.0], [30.0]]], requires_grad=True)
+    mean_teacher_consistency(torch.softmax(squared, 1), teacher).backward()
+    assert squared.grad.abs().max().item() < 1e-20  # the squared error between probabilities has saturated

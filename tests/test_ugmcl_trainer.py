@@ -14,6 +14,7 @@ from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5
 
 from nnunet_ssl.data.labeled_fraction import make_labeled_fraction
 from nnunet_ssl.data.unlabeled import labeled_case_ids
+from nnunet_ssl.methods.ugmcl.losses import mean_teacher_consistency, pseudo_label_consistency
 from nnunet_ssl.methods.ugmcl.trainer import (
     DTC_HPARAMS,
     MEAN_TEACHER_HPARAMS,
@@ -29,6 +30,7 @@ from nnunet_ssl.methods.ugmcl.trainer import (
     mc_passes_advice,
 )
 from nnunet_ssl.training.hparams import HParamError, resolve_hparams
+from nnunet_ssl.training.uncertainty import probabilities
 
 
 @pytest.mark.parametrize("name, value, message", [
@@ -271,3 +273,39 @@ def test_student_intensity_changes_only_the_students_unlabeled_patches(cls, demo
     assert any(not torch.equal(a, b) for a, b in zip(unlabeled, x[2:]))  # each at DA5's probabilities
     assert torch.isfinite(x).all()
     _check_teacher_sees_the_unperturbed_patches(trainer, data, unlabeled)
+
+
+@pytest.mark.parametrize("cls", [MeanTeacherTrainer, UAMTTrainer])
+def test_pseudo_label_consistency_loss_is_the_one_trained(cls, demo, monkeypatch, tmp_path):
+    hp = {"consistency_loss": "pseudo_label", "confidence_threshold": 0.6, "dropout_p": 0.0}
+    trainer = _trainer(cls, demo, monkeypatch, tmp_path, hp)
+    torch.manual_seed(0)
+    x = torch.randn(2, trainer.num_input_channels, *trainer.configuration_manager.patch_size)
+    teacher = trainer.teacher_prediction(x)
+    logits = torch.randn(2, trainer.label_manager.num_segmentation_heads, *x.shape[2:]) * 3
+    mask = trainer.certainty(teacher) if cls is UAMTTrainer else None
+    term, _ = trainer.teacher_consistency(logits, teacher)
+    assert term.item() == pytest.approx(pseudo_label_consistency(logits, teacher.probs, 0.6, False, mask).item())
+    assert term.item() != pytest.approx(mean_teacher_consistency(probabilities(logits, False), teacher.probs,
+                                                                 mask).item())
+    batch = synthetic_batch(trainer, np.random.default_rng(0))
+    _feed(trainer, [batch])
+    trainer.on_train_epoch_start()
+    out = trainer.train_step(batch)
+    assert not out.pop("skipped") and all(np.isfinite(v).all() for v in out.values())
+
+    default = _trainer(cls, demo, monkeypatch, tmp_path / "mse", {"dropout_p": 0.0})
+    assert default.hparams["consistency_loss"] == "mse"  # the papers' term unless asked
+    term, _ = default.teacher_consistency(logits, teacher)
+    assert term.item() == pytest.approx(mean_teacher_consistency(probabilities(logits, False), teacher.probs,
+                                                                 mask).item())
+
+
+def test_ugmcl_has_no_consistency_loss_choice():
+    assert "consistency_loss" in UAMT_HPARAMS and "consistency_loss" not in UGMCL_HPARAMS
+    with pytest.raises(HParamError, match="unknown hyper-parameter.*consistency_loss"):
+        resolve_hparams(UGMCL_HPARAMS, "UGMCLTrainer", {"consistency_loss": "pseudo_label"})
+    with pytest.raises(HParamError, match="'consistency_loss' = 'ce' is invalid: expected one of 'mse', 'pseudo_label'"):
+        resolve_hparams(MEAN_TEACHER_HPARAMS, "MeanTeacherTrainer", {"consistency_loss": "ce"})
+    with pytest.raises(HParamError, match=r"'confidence_threshold' = 1.5 is invalid: expected a number in \[0.0, 1.0\]"):
+        resolve_hparams(MEAN_TEACHER_HPARAMS, "MeanTeacherTrainer", {"confidence_threshold": 1.5})

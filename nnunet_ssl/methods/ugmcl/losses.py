@@ -9,6 +9,7 @@ eq. 6 verbatim. All losses are computed in float32.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def masked_mean_squared_error(student: torch.Tensor, teacher: torch.Tensor,
@@ -60,6 +61,29 @@ def mean_teacher_consistency(student_probs: torch.Tensor, teacher_probs: torch.T
     """Mean teacher (Tarvainen & Valpola 2017): MSE between student and teacher probabilities; with the
     certainty mask it is UA-MT's consistency (Yu et al. 2019) and the segmentation half of eq. 4."""
     return masked_mean_squared_error(student_probs, teacher_probs, mask)
+
+
+def pseudo_label_consistency(student_logits: torch.Tensor, teacher_probs: torch.Tensor, threshold: float,
+                             regions: bool, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Not in the papers: FixMatch's unlabeled loss (Sohn et al. 2020, l_u = mean of 1(max q >= tau) H(q-hat, p))
+    per voxel, with the teacher's probabilities as q. Softmax: cross-entropy of the student's logits against the
+    teacher's argmax, counted where the teacher's largest probability reaches ``threshold``. Regions: binary
+    cross-entropy per region channel against the teacher's p > 0.5, counted where max(p, 1 - p) reaches it. The sum
+    is divided by every voxel (and channel), not by the confident ones, as FixMatch divides by all unlabeled
+    images. ``mask`` (UA-MT's certainty, (B, 1 or C, ...)) multiplies in. Computed from logits in float32, so a
+    confidently wrong student still gets a gradient (an MSE on probabilities saturates there)."""
+    logits, target = student_logits.float(), teacher_probs.detach().float()
+    if regions:
+        hard = target > 0.5
+        confidence = torch.where(hard, target, 1 - target)
+        loss = F.binary_cross_entropy_with_logits(logits, hard.float(), reduction="none")
+    else:
+        confidence, hard = target.max(1, keepdim=True)
+        loss = F.cross_entropy(logits, hard[:, 0], reduction="none")[:, None]
+    keep = (confidence >= threshold).float()
+    if mask is not None:
+        keep = keep * mask.float()
+    return (keep * loss).mean()
 
 
 def total_objective(supervised: torch.Tensor, intra_task: torch.Tensor | None, cross_task: torch.Tensor | None,

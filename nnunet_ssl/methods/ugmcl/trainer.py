@@ -39,6 +39,7 @@ from nnunet_ssl.methods.ugmcl.losses import (
     cross_task_consistency,
     intra_task_consistency,
     mean_teacher_consistency,
+    pseudo_label_consistency,
     sdf_regression_loss,
     supervised_objective,
     total_objective,
@@ -57,6 +58,7 @@ from nnunet_ssl.training.uncertainty import (
 )
 
 WHICH_IMAGES = ("unlabeled", "all")
+CONSISTENCY_LOSSES = ("mse", "pseudo_label")
 
 COMMON_HPARAMS: dict[str, HParam] = {
     **SSL_HPARAMS,
@@ -87,6 +89,13 @@ MEAN_TEACHER_HPARAMS: dict[str, HParam] = {
                                             "student_gamma's curve. 0: none.", low=0.0, high=1.0),
     "consistency_on": HParam("unlabeled", str, "Images that get the teacher consistency term.",
                              choices=WHICH_IMAGES),
+    "consistency_loss": HParam("mse", str, "The teacher consistency term: 'mse' between the probabilities (the "
+                                           "papers'); 'pseudo_label' (not in the papers): FixMatch's cross-entropy "
+                                           "against the teacher's hard labels where it is confident (see "
+                                           "confidence_threshold).", choices=CONSISTENCY_LOSSES),
+    "confidence_threshold": HParam(0.95, float, "consistency_loss 'pseudo_label' only: the teacher's probability "
+                                                "a voxel's label needs to count (FixMatch's tau).", low=0.0,
+                                   high=1.0),
 }
 UAMT_HPARAMS: dict[str, HParam] = {
     **MEAN_TEACHER_HPARAMS,
@@ -105,8 +114,8 @@ DTC_HPARAMS: dict[str, HParam] = {
     **{k: v for k, v in COMMON_HPARAMS.items() if k != "consistency_weight"},
     **SDF_HPARAMS,
 }
-UGMCL_HPARAMS: dict[str, HParam] = {
-    **UAMT_HPARAMS,
+UGMCL_HPARAMS: dict[str, HParam] = {  # eq. 4's squared differences: no consistency_loss choice
+    **{k: v for k, v in UAMT_HPARAMS.items() if k not in ("consistency_loss", "confidence_threshold")},
     **SDF_HPARAMS,
     "consistency_on": HParam("all", str, "Images that get the intra-task consistency term (eq. 4; the paper: "
                                          "labeled and unlabeled).", choices=WHICH_IMAGES),
@@ -262,9 +271,17 @@ class MeanTeacherTrainer(TeacherMixin, ConsistencyTrainerBase):
         noise = (torch.randn_like(x) * h["teacher_noise_std"]).clamp(-h["teacher_noise_clip"], h["teacher_noise_clip"])
         return self.teacher.module.mc_predict(x + noise, self.mc_passes(), partial(probabilities, regions=self.regions))
 
-    def teacher_consistency(self, student_probs: torch.Tensor,
+    def teacher_consistency(self, student_logits: torch.Tensor,
                             teacher: MCPrediction) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return mean_teacher_consistency(student_probs, teacher.probs), {}
+        return self.consistency_term(student_logits, teacher), {}
+
+    def consistency_term(self, student_logits: torch.Tensor, teacher: MCPrediction,
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``consistency_loss``'s term between the student's full-resolution logits and the teacher's pass."""
+        if self.hparams["consistency_loss"] == "pseudo_label":
+            return pseudo_label_consistency(student_logits, teacher.probs, self.hparams["confidence_threshold"],
+                                            self.regions, mask)
+        return mean_teacher_consistency(probabilities(student_logits, self.regions), teacher.probs, mask)
 
     def student_input(self, x: torch.Tensor, num_labeled: int) -> torch.Tensor:
         """The student's batch: ``x`` (labeled patches, then unlabeled ones) with each unlabeled patch, with
@@ -298,8 +315,7 @@ class MeanTeacherTrainer(TeacherMixin, ConsistencyTrainerBase):
         output = self.network(self.student_input(x, n_l))
         seg_target, _ = self.split_target(target)
         supervised = self.supervised_loss(output, seg_target, n_l)
-        student_probs = probabilities(self.full_resolution(output)[images].float(), self.regions)
-        consistency, extra = self.teacher_consistency(student_probs, teacher)
+        consistency, extra = self.teacher_consistency(self.full_resolution(output)[images].float(), teacher)
         weight = self.unsupervised_weight()
         return {"loss": supervised + weight * consistency, "loss_supervised": supervised,
                 "loss_consistency": consistency, **extra, "consistency_weight": torch.tensor(weight)}
@@ -322,9 +338,9 @@ class UAMTTrainer(MeanTeacherTrainer):
         return certainty_mask(predictive_entropy(teacher.mean_probs, self.regions),
                               uncertainty_threshold(self.ramp(), num_classes))
 
-    def teacher_consistency(self, student_probs, teacher):
+    def teacher_consistency(self, student_logits, teacher):
         mask = self.certainty(teacher)
-        return mean_teacher_consistency(student_probs, teacher.probs, mask), {"certain_fraction": mask.mean()}
+        return self.consistency_term(student_logits, teacher, mask), {"certain_fraction": mask.mean()}
 
 
 class SignedDistanceMixin:
