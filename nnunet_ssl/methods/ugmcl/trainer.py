@@ -1,6 +1,7 @@
 """UG-MCL and the mean-teacher family on nnU-Net's planned U-Net.
 
-- ``MeanTeacherTrainer``: EMA teacher, MSE between student and teacher probabilities (Tarvainen & Valpola 2017).
+- ``MeanTeacherTrainer``: EMA teacher, MSE between student and teacher probabilities (Tarvainen & Valpola 2017);
+  ``consistency_loss`` 'pseudo_label' (not in the papers) swaps in FixMatch's confident cross-entropy.
 - ``UAMTTrainer``: the same consistency, masked by the teacher's Monte-Carlo uncertainty (Yu et al. 2019).
 - ``DTCTrainer``: dual-task network (segmentation + signed distance regression), cross-task consistency, no
   teacher (Luo et al. 2021; row 4 of the UG-MCL ablation).
