@@ -215,10 +215,15 @@ def _check_teacher_sees_the_unperturbed_patches(trainer, data: torch.Tensor, unl
         trainer.compute_losses(data, None, unlabeled)
     torch.testing.assert_close(seen["teacher"][-len(unlabeled):], unlabeled)
     del trainer.teacher_prediction
+    _check_a_whole_step(trainer)
+
+
+def _check_a_whole_step(trainer) -> None:
+    """One training step on a synthetic batch at the trainer's own patch size: not skipped, every loss finite."""
     batch = synthetic_batch(trainer, np.random.default_rng(0))
     _feed(trainer, [batch])
     trainer.on_train_epoch_start()
-    out = trainer.train_step(batch)  # at the trainer's own patch size
+    out = trainer.train_step(batch)
     assert not out.pop("skipped") and all(np.isfinite(v).all() for v in out.values())
 
 
@@ -288,11 +293,7 @@ def test_pseudo_label_consistency_loss_is_the_one_trained(cls, demo, monkeypatch
     assert term.item() == pytest.approx(pseudo_label_consistency(logits, teacher.probs, 0.6, False, mask).item())
     assert term.item() != pytest.approx(mean_teacher_consistency(probabilities(logits, False), teacher.probs,
                                                                  mask).item())
-    batch = synthetic_batch(trainer, np.random.default_rng(0))
-    _feed(trainer, [batch])
-    trainer.on_train_epoch_start()
-    out = trainer.train_step(batch)
-    assert not out.pop("skipped") and all(np.isfinite(v).all() for v in out.values())
+    _check_a_whole_step(trainer)
 
     default = _trainer(cls, demo, monkeypatch, tmp_path / "mse", {"dropout_p": 0.0})
     assert default.hparams["consistency_loss"] == "mse"  # the papers' term unless asked
@@ -301,7 +302,7 @@ def test_pseudo_label_consistency_loss_is_the_one_trained(cls, demo, monkeypatch
                                                                  mask).item())
 
 
-def test_ugmcl_has_no_consistency_loss_choice():
+def test_consistency_loss_is_refused_by_ugmcl_and_checked_elsewhere():
     assert "consistency_loss" in UAMT_HPARAMS and "consistency_loss" not in UGMCL_HPARAMS
     with pytest.raises(HParamError, match="unknown hyper-parameter.*consistency_loss"):
         resolve_hparams(UGMCL_HPARAMS, "UGMCLTrainer", {"consistency_loss": "pseudo_label"})
