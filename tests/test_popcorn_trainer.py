@@ -17,6 +17,7 @@ from nnunet_ssl.methods.popcorn.sampling import PairedDataLoader
 from nnunet_ssl.methods.popcorn.selection import derive_schedule, select_random
 from nnunet_ssl.methods.popcorn.trainer import PSEUDO_LABEL_FOLDER, STATE_FILE, POPCORNTrainer
 from nnunet_ssl.training.hparams import HParamError
+from nnunet_ssl.training.pseudo_labels import inference_mode, make_predictor, predict_logits
 
 
 @pytest.fixture
@@ -156,6 +157,7 @@ def test_selection_round_integrates_k_cases(demo, make):
     scores = {u: sum(np.linalg.norm(reps[u].astype(np.float64) - reps[t]) for t in labeled) for u in unlabeled}
     ranking = sorted(unlabeled, key=lambda u: (scores[u], u))
     assert record["selected"] == ranking[:3]
+    assert "alignment_offsets" not in record  # pseudo_label_alignment is off by default
     assert np.allclose(record["scores"], [scores[u] for u in ranking[:3]], rtol=1e-4)
     assert trainer.pseudo_labeled_cases() == ranking[:3]
     # pseudo-label files with the preprocessed image's shape, written before the round was recorded
@@ -316,6 +318,30 @@ def test_round_warns_when_pseudo_labels_miss_a_class(demo, make, monkeypatch):
     assert "carry the model's errors on images unlike the labeled ones" in log
 
 
+def test_aligned_pseudo_labels_take_the_labeled_shares(demo, make):
+    """pseudo_label_alignment: each round's pseudo-label is the argmax of nnU-Net's sliding-window logits plus the
+    recorded offsets, and its foreground labels take the labeled cases' shares of its foreground."""
+    trainer = make(demo, {"num_epochs": 4, "selection_size": 2, "first_step_epochs": 1,
+                          "pseudo_label_alignment": True})
+    trainer.unlabeled_identifiers = trainer.prepare_unlabeled_data()
+    trainer.dataloader_train = trainer.get_paired_training_dataloader()
+    trainer.current_epoch = 1
+    record = trainer.selection_round()
+    labeled = [np.asarray(trainer.labeled_images().load_case(c)[1][:]) for c in trainer.do_split()[0]]
+    wanted = sum(int((s == 1).sum()) for s in labeled) / sum(int((s > 0).sum()) for s in labeled)
+    assert set(record["alignment_offsets"]) == set(record["selected"])
+    for case in record["selected"]:
+        offsets = torch.tensor(record["alignment_offsets"][case])
+        assert offsets[0] == 0 and float(offsets.sum()) == pytest.approx(0, abs=1e-3)
+        data, nonzero, _, _ = trainer.unlabeled_images().load_case(case)
+        with inference_mode(trainer) as net:
+            logits = predict_logits(make_predictor(trainer, net), data)
+        seg = np.asarray(trainer.store.load(case)[0][0][:])
+        inside = np.asarray(nonzero[0][:]) >= 0
+        assert np.array_equal(seg[inside], (logits + offsets[:, None, None, None]).argmax(0).numpy()[inside])
+        assert (seg == 1).sum() / (seg > 0).sum() == pytest.approx(wanted, rel=0.02)
+
+
 def test_bad_settings_fail_before_training(demo, make):
     with pytest.raises(HParamError, match="first_step_epochs = 5 must be below num_epochs = 5"):
         make(demo, {"num_epochs": 5, "first_step_epochs": 5}, initialize=False)
@@ -326,6 +352,11 @@ def test_bad_settings_fail_before_training(demo, make):
         trainer.prepare_unlabeled_data()  # 4 unlabeled cases, one per round from epoch 1
     with pytest.raises(ValueError, match="batch size >= 2"):
         make(demo, batch_size=1)
+
+
+def test_alignment_refused_for_regions(demo_regions_ignore, make):
+    with pytest.raises(HParamError, match="pseudo_label_alignment = true needs mutually exclusive labels"):
+        make(demo_regions_ignore, {"pseudo_label_alignment": True}, initialize=False)
 
 
 @pytest.mark.slow

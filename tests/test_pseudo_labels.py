@@ -19,6 +19,7 @@ from nnunet_ssl.training.pseudo_labels import (
     PseudoLabeledDataset,
     PseudoLabelStore,
     inference_mode,
+    label_share_bias,
     label_shares,
     make_predictor,
     predict_logits,
@@ -168,6 +169,38 @@ def test_label_shares_by_hand():
     # label 2: 0.05 against 0.2 -> under half; label 1: 0.3 against 0.4 -> not; label 3 absent from the reference
     assert underrepresented_labels({1: 0.4, 2: 0.2, 3: 0.0}, {1: 0.3, 2: 0.05, 3: 0.0}) == [2]
     assert underrepresented_labels({1: 0.4}, {}) == [1]
+
+
+def test_label_share_bias_by_hand():
+    # 10 voxels: background wins 2 of them by far; of the 8 foreground ones label 1 wins 6 (margins 1 to 6 over
+    # label 2) and label 2 wins 2
+    margin = torch.tensor([1.0, 2, 3, 4, 5, 6, -1, -2])
+    logits = torch.zeros(3, 10)
+    logits[0, 8:] = 100.0
+    logits[1, :8] = margin
+    logits[0, :8] = -100.0
+    bias = label_share_bias(logits, {1: 0.3, 2: 0.3})  # renormalised: half of the foreground each
+    seg = (logits + bias[:, None]).argmax(0)
+    assert bias[0] == 0 and bias[1] + bias[2] == pytest.approx(0, abs=1e-6)
+    # label 2 takes the voxels where label 1 led by the least (margins 1 and 2): its offset over label 1's is
+    # above 2 and below 3 (it would take margin 3 too)
+    assert (seg[8:] == 0).all() and (seg[:8] == 1).sum() == 4 and (seg[[0, 1, 6, 7]] == 2).all()
+    assert 2 < float(bias[2] - bias[1]) < 3
+    # a label the labeled cases lack keeps offset 0 (it is neither suppressed nor aligned)
+    three = torch.cat([logits, torch.full((1, 10), -5.0)])
+    assert label_share_bias(three, {1: 0.5, 2: 0.5, 3: 0.0})[3] == 0
+    # one foreground label, or no foreground voxel, or no foreground inside the mask: nothing to align
+    assert not label_share_bias(logits, {1: 0.5, 2: 0.0}).any()
+    assert not label_share_bias(logits[:, 8:], {1: 0.5, 2: 0.5}).any()
+    assert not label_share_bias(logits, {1: 0.5, 2: 0.5}, mask=np.arange(10) >= 8).any()
+    # the mask decides what counts: voxels 0 to 3 only, where label 1 leads 3 to 1 -> shares 1/4 and 3/4 wanted
+    masked = label_share_bias(logits, {1: 0.25, 2: 0.75}, mask=np.arange(10) < 4)
+    assert ((logits + masked[:, None]).argmax(0)[:4] == 2).sum() == 3
+    # 2d logits (C, x, y) are flattened; shares reached within the tolerance
+    rng = torch.Generator().manual_seed(0)
+    image = torch.randn(3, 40, 50, generator=rng)
+    seg = (image + label_share_bias(image, {1: 0.8, 2: 0.2})[:, None, None]).argmax(0)
+    assert float((seg == 1).sum() / (seg > 0).sum()) == pytest.approx(0.8, rel=0.02)
 
 
 def test_segmentation_dice_by_hand():

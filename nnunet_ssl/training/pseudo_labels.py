@@ -20,7 +20,9 @@ the current model and train on them later. Shared here:
   image mirrored along the inference mirroring axes, mirrored back), ``segmentation_dice`` (mean Dice of two label
   maps over labels or regions) and ``predict_pseudo_labels_with_agreement``;
 - ``label_shares`` and ``underrepresented_labels``: each label's share of the annotated voxels, to compare
-  pseudo-labels with the labeled cases (a class the model has not learned yet is missing from its pseudo-labels).
+  pseudo-labels with the labeled cases (a class the model has not learned yet is missing from its pseudo-labels);
+- ``label_share_bias``: per-label logit offsets that give a prediction the labeled cases' shares of the
+  foreground labels (distribution alignment), for pseudo-labels of images unlike the labeled ones.
 """
 
 from __future__ import annotations
@@ -168,6 +170,41 @@ def underrepresented_labels(reference: dict[int, float], shares: dict[int, float
     return [v for v, r in reference.items() if r > 0 and shares.get(v, 0.0) < ratio * r]
 
 
+def label_share_bias(logits: torch.Tensor, target: dict[int, float], mask: torch.Tensor | np.ndarray | None = None,
+                     iterations: int = 50, tolerance: float = 0.01) -> torch.Tensor:
+    """Offsets (C,) to add to ``logits`` (C, *spatial; channel c is label c, no regions) so that among the voxels
+    the argmax gives a foreground label, each label of ``target`` with a positive share takes its share of them
+    (``target`` renormalised over those labels); other channels keep offset 0.
+
+    Distribution alignment (Berthelot et al., ReMixMatch, ICLR 2020, section 3.2) scales a prediction's class
+    probabilities by the ratio of the labeled class marginal to the predicted one, an additive offset on
+    log-probabilities; here that offset is fitted to the hard label map's shares, which a pseudo-label is. The
+    shares are matched among foreground voxels only and the offsets of the aligned labels sum to zero, so the
+    background decision moves little: the field of view fixes how much background an image has, not the
+    labeled cases. Fixed-point iteration, each step half the log ratio of target to current share, until every
+    share is within ``tolerance`` (relative) of its target or after ``iterations`` steps. ``mask`` (spatial,
+    bool): the voxels counted (e.g. nnU-Net's nonzero mask); no offset when none of them is foreground."""
+    labels = [v for v, share in sorted(target.items()) if share > 0]
+    bias = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
+    if len(labels) < 2:  # one foreground label has all of the foreground: nothing to align
+        return bias
+    flat = logits.detach().reshape(logits.shape[0], -1).float()
+    if mask is not None:
+        flat = flat[:, torch.as_tensor(np.asarray(mask), device=logits.device).reshape(-1).bool()]
+    index = torch.tensor(labels, device=logits.device)
+    goal = torch.tensor([target[v] for v in labels], dtype=torch.float32, device=logits.device)
+    goal = goal / goal.sum()
+    for _ in range(iterations):
+        counts = torch.bincount((flat + bias[:, None]).argmax(0), minlength=logits.shape[0])[index].float()
+        if counts.sum() == 0:
+            break
+        ratio = goal.log() - (counts / counts.sum()).clamp_min(1e-6).log()
+        if ratio.abs().max() <= np.log1p(tolerance):
+            break
+        bias[index] += 0.5 * (ratio - ratio.mean())
+    return bias
+
+
 # ---------------------------------------------------------------- storage
 class PseudoLabelStore:
     """A folder of pseudo-label maps at the preprocessed resolution. ``{case}.pkl`` is written last: a case counts
@@ -212,17 +249,28 @@ class PseudoLabelStore:
 
 
 def predict_pseudo_labels(trainer, image_dataset: nnUNetDatasetBlosc2, cases: Sequence[str],
-                          store: PseudoLabelStore, use_mirroring: bool = False) -> None:
+                          store: PseudoLabelStore, use_mirroring: bool = False,
+                          align_to: dict[int, float] | None = None) -> dict[str, list[float]]:
     """Predict and store the pseudo-label of each case of ``image_dataset`` (its ``_seg`` is the nonzero mask).
-    Under DDP each rank predicts every world-size-th case; callers synchronise afterwards."""
+    ``align_to`` (foreground label -> share, e.g. the labeled cases' ``label_shares``; not for regions): each case's
+    logits get its ``label_share_bias`` inside the nonzero mask first; returns the offsets per case (empty without).
+    Under DDP each rank predicts (and returns) every world-size-th case; callers synchronise afterwards."""
     lm = trainer.label_manager
+    if align_to is not None and lm.has_regions:
+        raise ValueError("label-share alignment needs mutually exclusive labels; region-based labels overlap")
     rank, world = (trainer.local_rank, torch.distributed.get_world_size()) if trainer.is_ddp else (0, 1)
+    offsets = {}
     with inference_mode(trainer) as network:
         predictor = make_predictor(trainer, network, use_mirroring)
         for case in list(cases)[rank::world]:
             data, nonzero_seg, _, properties = image_dataset.load_case(case)
             logits = predict_logits(predictor, data)
+            if align_to is not None:
+                bias = label_share_bias(logits, align_to, np.asarray(nonzero_seg[:])[0] >= 0)
+                logits = logits + bias.to(logits.device).view(-1, *([1] * (logits.ndim - 1)))
+                offsets[case] = [round(float(b), 4) for b in bias]
             store.write(case, segmentation_from_logits(logits, lm, nonzero_seg), properties, lm)
+    return offsets
 
 
 def predict_pseudo_labels_with_agreement(trainer, image_dataset: nnUNetDatasetBlosc2, cases: Sequence[str],

@@ -95,6 +95,10 @@ POPCORN_HPARAMS: dict[str, HParam] = {
                             low=1),
     "pseudo_label_mirroring": HParam(False, bool, "Predict pseudo-labels with nnU-Net's mirroring test-time "
                                                   "augmentation (up to 8x slower in 3d)."),
+    "pseudo_label_alignment": HParam(False, bool, "Not in the paper: before the argmax, offset each pseudo-label's "
+                                                  "logits so that its foreground labels take the labeled cases' "
+                                                  "shares of its foreground (distribution alignment, ReMixMatch); "
+                                                  "not for region-based labels."),
 }
 
 
@@ -118,6 +122,9 @@ class POPCORNTrainer(SemiSupervisedTrainer):
             raise HParamError(f"first_step_epochs = {h['first_step_epochs']} must be below num_epochs = "
                               f"{h['num_epochs']} (at least one epoch trains with pseudo-labels); lower it in "
                               f"nnUNet_ssl_hparams or set it to null.")
+        if h["pseudo_label_alignment"] and self.label_manager.has_regions:
+            raise HParamError("pseudo_label_alignment = true needs mutually exclusive labels, but this dataset's "
+                              "labels are regions (they overlap); set it to false in nnUNet_ssl_hparams.")
         self.store = PseudoLabelStore(join(self.output_folder, PSEUDO_LABEL_FOLDER))
         self.schedule: Schedule | None = None
         self.rounds: list[dict[str, Any]] = []
@@ -341,11 +348,20 @@ class POPCORNTrainer(SemiSupervisedTrainer):
             reps = {k: v for part in gathered for k, v in part.items()}
         return reps
 
-    def predict_pseudo_labels(self, cases: list[str]) -> None:
-        predict_pseudo_labels(self, self.unlabeled_images(), cases, self.store,
-                              use_mirroring=self.hparams["pseudo_label_mirroring"])
+    def predict_pseudo_labels(self, cases: list[str]) -> dict[str, list[float]]:
+        """Predict and store the cases' pseudo-labels; with ``pseudo_label_alignment``, returns each case's logit
+        offsets (every rank's cases under DDP)."""
+        align_to = None
+        if self.hparams["pseudo_label_alignment"]:
+            lm = self.label_manager
+            align_to = self.labeled_shares([v for v in lm.all_labels if v != 0 and v != lm.ignore_label])
+        offsets = predict_pseudo_labels(self, self.unlabeled_images(), cases, self.store,
+                                        use_mirroring=self.hparams["pseudo_label_mirroring"], align_to=align_to)
         if self.is_ddp:
-            dist.barrier()
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, offsets)
+            offsets = {k: v for part in gathered for k, v in part.items()}
+        return offsets
 
     def selection_round(self) -> dict[str, Any]:
         """Step 2: rank the remaining unlabeled cases by proximity to the training set (eq. 6-7), pseudo-label the
@@ -367,7 +383,7 @@ class POPCORNTrainer(SemiSupervisedTrainer):
                   else self.random_choice(remaining, k, number))
         cases = [remaining[i] for i in chosen]
         encoded = time.perf_counter()
-        self.predict_pseudo_labels(cases)
+        offsets = self.predict_pseudo_labels(cases)
         seconds_pseudo_labels = time.perf_counter() - encoded
         shares = self.pseudo_label_shares(cases)
         record = {
@@ -381,6 +397,8 @@ class POPCORNTrainer(SemiSupervisedTrainer):
             "seconds_representations": round(encoded - start, 3),
             "seconds_pseudo_labels": round(seconds_pseudo_labels, 3),
         }
+        if offsets:
+            record["alignment_offsets"] = {c: offsets[c] for c in cases}
         self.rounds.append(record)
         self.write_state_log()
         self.print_to_log_file(
@@ -415,18 +433,21 @@ class POPCORNTrainer(SemiSupervisedTrainer):
         labels = [v for v in lm.all_labels if v != 0 and v != lm.ignore_label]
         return label_shares((self.store.load(c)[0] for c in cases), labels, lm.ignore_label)
 
+    def labeled_shares(self, labels: list[int]) -> dict[int, float]:
+        """Each of ``labels``' share of the annotated voxels of the labeled training cases (computed once)."""
+        if self._labeled_shares is None:
+            labeled = self.labeled_images()
+            self._labeled_shares = label_shares((labeled.load_case(c)[1] for c in self.do_split()[0]), labels,
+                                                self.label_manager.ignore_label)
+        return self._labeled_shares
+
     def check_label_shares(self, number: int, shares: dict[int, float], cases: list[str]) -> None:
         """Warn when a class is much rarer in this round's pseudo-labels than in the labeled cases: every
         pseudo-label is the current model's prediction, so a class the first step has not learned yet (short in
         every round from round 1 on), or one the model misses on images unlike the labeled ones (later rounds,
         which take the least similar cases), is missing from them, and POPCORN then trains on its absence (README,
         POPCORNTrainer). Rounds recorded without shares (checkpoints from before this check) count as not short."""
-        lm = self.label_manager
-        if self._labeled_shares is None:
-            labeled = self.labeled_images()
-            self._labeled_shares = label_shares((labeled.load_case(c)[1] for c in self.do_split()[0]), list(shares),
-                                                lm.ignore_label)
-        reference = self._labeled_shares
+        reference = self.labeled_shares(list(shares))
         rare = underrepresented_labels(reference, shares)
         if not rare:
             return
