@@ -172,11 +172,11 @@ def underrepresented_labels(reference: dict[int, float], shares: dict[int, float
 
 def label_share_bias(logits: torch.Tensor, target: dict[int, float], mask: torch.Tensor | np.ndarray | None = None,
                      iterations: int = 50, tolerance: float = 0.01) -> torch.Tensor:
-    """Offsets (C,) to add to ``logits`` (C, *spatial; channel c is label c, no regions) so that among the voxels
-    the argmax gives a foreground label, each label of ``target`` with a positive share takes its share of them
-    (``target`` renormalised over those labels); other channels keep offset 0.
+    """Offsets (C,) to add to ``logits`` (C, *spatial; channel c is label c, no regions) so that each label of
+    ``target`` with a positive share takes that share (``target`` renormalised over those labels) of the voxels the
+    argmax gives one of those labels; other channels keep offset 0.
 
-    Distribution alignment (Berthelot et al., ReMixMatch, ICLR 2020, section 3.2) scales a prediction's class
+    Distribution alignment (Berthelot et al., ReMixMatch, ICLR 2020) scales a prediction's class
     probabilities by the ratio of the labeled class marginal to the predicted one, an additive offset on
     log-probabilities; here that offset is fitted to the hard label map's shares, which a pseudo-label is. The
     shares are matched among foreground voxels only and the offsets of the aligned labels sum to zero, so the
