@@ -9,7 +9,8 @@ holds ``{case}_seg.b2nd`` for these cases, e.g. the benchmark's upper-bound run,
 labeled (``<work dir>/runs/all_seed<s>/nnUNet_preprocessed/<dataset>/<plans>_<configuration>``).
 
 Per round: the cases, each foreground label's share of the annotated voxels in the pseudo-labels and in the
-references, and the Dice of each label (pseudo-label against reference, over the round's cases together).
+references, and the Dice of each label (pseudo-label against reference, over the round's cases together). Then the
+same over all rounds, per group of cases (the case name up to its last underscore: ``wide_003`` is in ``wide``).
 """
 
 from __future__ import annotations
@@ -53,17 +54,27 @@ def main(fold: Path, reference: Path) -> None:
     references = {c: load(reference / f"{c}{SEG_SUFFIX}") for c in sorted(cases)}
     labels = sorted({int(v) for seg in references.values() for v in np.unique(seg) if v > 0})
     print("round | cases | " + " | ".join(f"label {v} share (pseudo / reference) | Dice {v}" for v in labels))
+    pseudo = {}
     for name, folder, cs in found:
-        pseudo = [load(folder / f"{c}{SEG_SUFFIX}") for c in cs]
-        ref = [references[c] for c in cs]
-        shares, ref_shares = label_shares(pseudo, labels), label_shares(ref, labels)
-        cells = []
-        for v in labels:
-            both = sum(int(((p == v) & (r == v)).sum()) for p, r in zip(pseudo, ref))
-            size = sum(int((p == v).sum()) + int((r == v).sum()) for p, r in zip(pseudo, ref))
-            dice = f"{2 * both / size:.3f}" if size else "n/a"
-            cells.append(f"{shares[v]:.3f} / {ref_shares[v]:.3f} | {dice}")
-        print(f"{name} | {len(cs)} | " + " | ".join(cells))
+        pseudo.update({c: load(folder / f"{c}{SEG_SUFFIX}") for c in cs})
+        print(row(name, [pseudo[c] for c in cs], [references[c] for c in cs], labels))
+    groups: dict[str, list[str]] = {}
+    for c in sorted(pseudo):
+        groups.setdefault(c.rsplit("_", 1)[0], []).append(c)
+    for group, cs in groups.items():
+        print(row(f"all rounds, {group}", [pseudo[c] for c in cs], [references[c] for c in cs], labels))
+
+
+def row(name: str, pseudo: list[np.ndarray], ref: list[np.ndarray], labels: list[int]) -> str:
+    """A table row: the cases, then per label its shares (pseudo-labels / references) and the pooled Dice."""
+    shares, ref_shares = label_shares(pseudo, labels), label_shares(ref, labels)
+    cells = []
+    for v in labels:
+        both = sum(int(((p == v) & (r == v)).sum()) for p, r in zip(pseudo, ref))
+        size = sum(int((p == v).sum()) + int((r == v).sum()) for p, r in zip(pseudo, ref))
+        dice = f"{2 * both / size:.3f}" if size else "n/a"
+        cells.append(f"{shares[v]:.3f} / {ref_shares[v]:.3f} | {dice}")
+    return f"{name} | {len(pseudo)} | " + " | ".join(cells)
 
 
 if __name__ == "__main__":

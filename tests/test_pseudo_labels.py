@@ -252,20 +252,23 @@ def test_pseudo_label_quality_example_by_hand(tmp_path, capsys):
     fold, ref = tmp_path / "fold_0", tmp_path / "reference"
     (fold / "popcorn_pseudo_labels").mkdir(parents=True)
     ref.mkdir()
-    maps = {"u0": (np.array([[0, 1, 1, 2, -1]]), np.array([[0, 1, 0, 2, -1]])),  # (pseudo-label, reference)
-            "u1": (np.array([[1, 0, 0, 0, 0]]), np.array([[1, 2, 2, 0, 0]]))}
+    maps = {"u_0": (np.array([[0, 1, 1, 2, -1]]), np.array([[0, 1, 0, 2, -1]])),  # (pseudo-label, reference)
+            "u_1": (np.array([[1, 0, 0, 0, 0]]), np.array([[1, 2, 2, 0, 0]]))}
     for case, (pseudo, reference) in maps.items():
         blosc2.asarray(pseudo, urlpath=str(fold / "popcorn_pseudo_labels" / f"{case}_seg.b2nd"), mode="w")
         blosc2.asarray(reference, urlpath=str(ref / f"{case}_seg.b2nd"), mode="w")
-    state = {"rounds": [{"round": 1, "epoch": 3, "selected": [{"case": "u0"}]},
-                        {"round": 2, "epoch": 5, "selected": [{"case": "u1"}]}]}
+    state = {"rounds": [{"round": 1, "epoch": 3, "selected": [{"case": "u_0"}]},
+                        {"round": 2, "epoch": 5, "selected": [{"case": "u_1"}]}]}
     (fold / "popcorn_state.json").write_text(json.dumps(state))
     pseudo_label_quality.main(fold, ref)
     lines = capsys.readouterr().out.splitlines()
-    # u0: 4 annotated voxels; label 1 pseudo 2 of 4, reference 1 of 4, overlap 1 -> Dice 2/3; label 2 1 of 4 both
+    # u_0: 4 annotated voxels; label 1 pseudo 2 of 4, reference 1 of 4, overlap 1 -> Dice 2/3; label 2 1 of 4 both
     assert lines[1] == "round 1 (epoch 3) | 1 | 0.500 / 0.250 | 0.667 | 0.250 / 0.250 | 1.000"
-    # u1: label 1 1 of 5 in both (Dice 1); label 2 absent from the pseudo-label, 2 of 5 in the reference -> Dice 0
+    # u_1: label 1 1 of 5 in both (Dice 1); label 2 absent from the pseudo-label, 2 of 5 in the reference -> Dice 0
     assert lines[2] == "round 2 (epoch 5) | 1 | 0.200 / 0.200 | 1.000 | 0.000 / 0.400 | 0.000"
-    (ref / "u1_seg.b2nd").unlink()
-    with pytest.raises(SystemExit, match=r"no reference label map for \['u1'\]"):
+    # all rounds, both cases in group 'u': label 1 pseudo 3 of 9, reference 2 of 9, overlap 2 -> Dice 4/5; label 2
+    # pseudo 1 of 9, reference 3 of 9, overlap 1 -> Dice 2/4
+    assert lines[3:] == ["all rounds, u | 2 | 0.333 / 0.222 | 0.800 | 0.111 / 0.333 | 0.500"]
+    (ref / "u_1_seg.b2nd").unlink()
+    with pytest.raises(SystemExit, match=r"no reference label map for \['u_1'\]"):
         pseudo_label_quality.main(fold, ref)
