@@ -318,9 +318,10 @@ def test_round_warns_when_pseudo_labels_miss_a_class(demo, make, monkeypatch):
     assert "carry the model's errors on images unlike the labeled ones" in log
 
 
-def test_aligned_pseudo_labels_take_the_labeled_shares(demo, make):
+def test_aligned_pseudo_labels_take_the_labeled_shares(demo, make, monkeypatch):
     """pseudo_label_alignment: each round's pseudo-label is the argmax of nnU-Net's sliding-window logits plus the
-    recorded offsets, and its foreground labels take the labeled cases' shares of its foreground."""
+    recorded offsets, its foreground labels take the labeled cases' shares of its foreground, and the shares the
+    model predicted before the offsets are recorded for the label-share check."""
     trainer = make(demo, {"num_epochs": 4, "selection_size": 2, "first_step_epochs": 1,
                           "pseudo_label_alignment": True})
     trainer.unlabeled_identifiers = trainer.prepare_unlabeled_data()
@@ -330,6 +331,8 @@ def test_aligned_pseudo_labels_take_the_labeled_shares(demo, make):
     labeled = [np.asarray(trainer.labeled_images().load_case(c)[1][:]) for c in trainer.do_split()[0]]
     wanted = sum(int((s == 1).sum()) for s in labeled) / sum(int((s > 0).sum()) for s in labeled)
     assert set(record["alignment_offsets"]) == set(record["selected"])
+    before = {1: 0, 2: 0}
+    annotated = 0
     for case in record["selected"]:
         offsets = torch.tensor(record["alignment_offsets"][case])
         assert offsets[0] == 0 and float(offsets.sum()) == pytest.approx(0, abs=1e-3)
@@ -340,6 +343,24 @@ def test_aligned_pseudo_labels_take_the_labeled_shares(demo, make):
         inside = np.asarray(nonzero[0][:]) >= 0
         assert np.array_equal(seg[inside], (logits + offsets[:, None, None, None]).argmax(0).numpy()[inside])
         assert (seg == 1).sum() / (seg > 0).sum() == pytest.approx(wanted, rel=0.02)
+        plain = logits.argmax(0).numpy()[inside]
+        before = {v: before[v] + int((plain == v).sum()) for v in before}
+        annotated += int(inside.sum())
+    # the model's own shares (the argmax without offsets) are recorded, and the label-share check reads them
+    assert record["label_shares_unaligned"] == {str(v): pytest.approx(n / annotated, abs=1e-5)
+                                                for v, n in before.items()}
+    checked = []
+    monkeypatch.setattr(trainer, "check_label_shares", lambda number, shares, cases: checked.append(shares))
+    trainer.current_epoch = 2
+    second = trainer.selection_round()
+    unaligned = {int(v): x for v, x in second["label_shares_unaligned"].items()}
+    assert len(checked) == 1 and checked[0] == pytest.approx(unaligned, abs=1e-5)
+    assert checked[0] != pytest.approx({int(v): x for v, x in second["label_shares"].items()}, abs=1e-3)
+    # a class missing from the predictions is reported as such, with what the alignment did to it
+    POPCORNTrainer.check_label_shares(trainer, 3, {1: 0.0, 2: 0.0}, ["case_x"])
+    log = Path(trainer.log_file).read_text()
+    assert "POPCORN warning: in round 3's predictions before pseudo_label_alignment (case_x)" in log
+    assert "The alignment gave the pseudo-labels the labeled cases' shares" in log
 
 
 def test_bad_settings_fail_before_training(demo, make):

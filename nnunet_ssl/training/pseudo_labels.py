@@ -250,11 +250,13 @@ class PseudoLabelStore:
 
 def predict_pseudo_labels(trainer, image_dataset: nnUNetDatasetBlosc2, cases: Sequence[str],
                           store: PseudoLabelStore, use_mirroring: bool = False,
-                          align_to: dict[int, float] | None = None) -> dict[str, list[float]]:
+                          align_to: dict[int, float] | None = None) -> dict[str, dict]:
     """Predict and store the pseudo-label of each case of ``image_dataset`` (its ``_seg`` is the nonzero mask).
     ``align_to`` (foreground label -> share, e.g. the labeled cases' ``label_shares``; not for regions): each case's
-    logits get its ``label_share_bias`` inside the nonzero mask first; returns the offsets per case (empty without).
-    Under DDP each rank predicts (and returns) every world-size-th case; callers synchronise afterwards."""
+    logits get its ``label_share_bias`` inside the nonzero mask first; returns per case the ``offsets`` and, of the
+    label map before them, the ``annotated`` voxels and the ``counts`` of the labels of ``align_to`` (what the
+    model predicted, for checks that the alignment would hide); empty without ``align_to``. Under DDP each rank
+    predicts (and returns) every world-size-th case; callers synchronise afterwards."""
     lm = trainer.label_manager
     if align_to is not None and lm.has_regions:
         raise ValueError("label-share alignment needs mutually exclusive labels; region-based labels overlap")
@@ -266,9 +268,12 @@ def predict_pseudo_labels(trainer, image_dataset: nnUNetDatasetBlosc2, cases: Se
             data, nonzero_seg, _, properties = image_dataset.load_case(case)
             logits = predict_logits(predictor, data)
             if align_to is not None:
-                bias = label_share_bias(logits, align_to, np.asarray(nonzero_seg[:])[0] >= 0)
+                inside = np.asarray(nonzero_seg[:])[0] >= 0
+                unaligned = segmentation_from_logits(logits, lm, nonzero_seg)
+                bias = label_share_bias(logits, align_to, inside)
                 logits = logits + bias.to(logits.device).view(-1, *([1] * (logits.ndim - 1)))
-                offsets[case] = [round(float(b), 4) for b in bias]
+                offsets[case] = {"offsets": [round(float(b), 4) for b in bias], "annotated": int(inside.sum()),
+                                 "counts": {v: int((unaligned == v).sum()) for v in align_to}}
             store.write(case, segmentation_from_logits(logits, lm, nonzero_seg), properties, lm)
     return offsets
 

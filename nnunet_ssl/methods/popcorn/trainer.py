@@ -348,9 +348,9 @@ class POPCORNTrainer(SemiSupervisedTrainer):
             reps = {k: v for part in gathered for k, v in part.items()}
         return reps
 
-    def predict_pseudo_labels(self, cases: list[str]) -> dict[str, list[float]]:
+    def predict_pseudo_labels(self, cases: list[str]) -> dict[str, dict]:
         """Predict and store the cases' pseudo-labels; with ``pseudo_label_alignment``, returns each case's logit
-        offsets (every rank's cases under DDP)."""
+        offsets and label counts before them (``predict_pseudo_labels``; every rank's cases under DDP)."""
         align_to = None
         if self.hparams["pseudo_label_alignment"]:
             lm = self.label_manager
@@ -383,7 +383,7 @@ class POPCORNTrainer(SemiSupervisedTrainer):
                   else self.random_choice(remaining, k, number))
         cases = [remaining[i] for i in chosen]
         encoded = time.perf_counter()
-        offsets = self.predict_pseudo_labels(cases)
+        aligned = self.predict_pseudo_labels(cases)
         seconds_pseudo_labels = time.perf_counter() - encoded
         shares = self.pseudo_label_shares(cases)
         record = {
@@ -397,8 +397,12 @@ class POPCORNTrainer(SemiSupervisedTrainer):
             "seconds_representations": round(encoded - start, 3),
             "seconds_pseudo_labels": round(seconds_pseudo_labels, 3),
         }
-        if offsets:
-            record["alignment_offsets"] = {c: offsets[c] for c in cases}
+        if aligned:  # the model's own shares, before the offsets: what the label-share check reads
+            annotated = sum(aligned[c]["annotated"] for c in cases)
+            unaligned = {v: sum(aligned[c]["counts"][v] for c in cases) / annotated if annotated else 0.0
+                         for v in shares}
+            record["label_shares_unaligned"] = {str(v): round(x, 5) for v, x in unaligned.items()}
+            record["alignment_offsets"] = {c: aligned[c]["offsets"] for c in cases}
         self.rounds.append(record)
         self.write_state_log()
         self.print_to_log_file(
@@ -406,7 +410,7 @@ class POPCORNTrainer(SemiSupervisedTrainer):
             f"pseudo-labeled ({record['seconds_representations']:.1f} s for {len(training) + len(remaining)} latent "
             f"representations, {record['seconds_pseudo_labels']:.1f} s for the pseudo-labels): "
             f"{', '.join(f'{c} ({s:.4g})' for c, s in zip(cases, record['scores']))}")
-        self.check_label_shares(number, shares, cases)
+        self.check_label_shares(number, unaligned if aligned else shares, cases)
         self.restart_training_dataloader()
         return record
 
@@ -442,7 +446,8 @@ class POPCORNTrainer(SemiSupervisedTrainer):
         return self._labeled_shares
 
     def check_label_shares(self, number: int, shares: dict[int, float], cases: list[str]) -> None:
-        """Warn when a class is much rarer in this round's pseudo-labels than in the labeled cases: every
+        """Warn when a class is much rarer in this round's pseudo-labels (with ``pseudo_label_alignment``, in the
+        predictions before its offsets, which the alignment would hide) than in the labeled cases: every
         pseudo-label is the current model's prediction, so a class the first step has not learned yet (short in
         every round from round 1 on), or one the model misses on images unlike the labeled ones (later rounds,
         which take the least similar cases), is missing from them, and POPCORN then trains on its absence (README,
@@ -454,7 +459,8 @@ class POPCORNTrainer(SemiSupervisedTrainer):
         names = self._label_names()
         found = "; ".join(f"{names[v]} makes {100 * shares[v]:.1f}% of the annotated voxels against "
                           f"{100 * reference[v]:.1f}% in the labeled cases" for v in rare)
-        earlier = [{int(v): x for v, x in r["label_shares"].items()} if "label_shares" in r else reference
+        earlier = [{int(v): x for v, x in r.get("label_shares_unaligned", r["label_shares"]).items()}
+                   if "label_shares" in r else reference
                    for r in self.rounds[: number - 1]]
         short_from_round_1 = [v for v in rare if all(v in underrepresented_labels(reference, e) for e in earlier)]
         advice = (f"The model may not have learned the class(es) yet{'' if number == 1 else ' (short in every round)'}: "
@@ -463,5 +469,10 @@ class POPCORNTrainer(SemiSupervisedTrainer):
                   "The model predicts less of the class(es) on these images than the labeled cases hold: unless the "
                   "images hold less of them, their pseudo-labels carry the model's errors on images unlike the "
                   "labeled ones.")
-        self.print_to_log_file(f"POPCORN warning: in round {number}'s pseudo-labels ({', '.join(cases)}) {found}. "
-                               f"{advice}")
+        if self.hparams["pseudo_label_alignment"]:
+            where = "predictions before pseudo_label_alignment"
+            advice += (" The alignment gave the pseudo-labels the labeled cases' shares; for a class the model has "
+                       "not learned, its offsets only move voxels the model cannot tell apart into that class.")
+        else:
+            where = "pseudo-labels"
+        self.print_to_log_file(f"POPCORN warning: in round {number}'s {where} ({', '.join(cases)}) {found}. {advice}")
