@@ -261,7 +261,7 @@ def predict_pseudo_labels(trainer, image_dataset: nnUNetDatasetBlosc2, cases: Se
     if align_to is not None and lm.has_regions:
         raise ValueError("label-share alignment needs mutually exclusive labels; region-based labels overlap")
     rank, world = (trainer.local_rank, torch.distributed.get_world_size()) if trainer.is_ddp else (0, 1)
-    offsets = {}
+    aligned = {}
     with inference_mode(trainer) as network:
         predictor = make_predictor(trainer, network, use_mirroring)
         for case in list(cases)[rank::world]:
@@ -272,10 +272,10 @@ def predict_pseudo_labels(trainer, image_dataset: nnUNetDatasetBlosc2, cases: Se
                 unaligned = segmentation_from_logits(logits, lm, nonzero_seg)
                 bias = label_share_bias(logits, align_to, inside)
                 logits = logits + bias.to(logits.device).view(-1, *([1] * (logits.ndim - 1)))
-                offsets[case] = {"offsets": [round(float(b), 4) for b in bias], "annotated": int(inside.sum()),
+                aligned[case] = {"offsets": [round(float(b), 4) for b in bias], "annotated": int(inside.sum()),
                                  "counts": {v: int((unaligned == v).sum()) for v in align_to}}
             store.write(case, segmentation_from_logits(logits, lm, nonzero_seg), properties, lm)
-    return offsets
+    return aligned
 
 
 def predict_pseudo_labels_with_agreement(trainer, image_dataset: nnUNetDatasetBlosc2, cases: Sequence[str],
