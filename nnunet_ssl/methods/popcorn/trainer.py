@@ -351,17 +351,14 @@ class POPCORNTrainer(SemiSupervisedTrainer):
     def predict_pseudo_labels(self, cases: list[str]) -> dict[str, dict]:
         """Predict and store the cases' pseudo-labels; with ``pseudo_label_alignment``, returns each case's logit
         offsets and label counts before them (``predict_pseudo_labels``; every rank's cases under DDP)."""
-        align_to = None
-        if self.hparams["pseudo_label_alignment"]:
-            lm = self.label_manager
-            align_to = self.labeled_shares([v for v in lm.all_labels if v != 0 and v != lm.ignore_label])
-        offsets = predict_pseudo_labels(self, self.unlabeled_images(), cases, self.store,
+        align_to = self.labeled_shares(self._foreground_labels()) if self.hparams["pseudo_label_alignment"] else None
+        aligned = predict_pseudo_labels(self, self.unlabeled_images(), cases, self.store,
                                         use_mirroring=self.hparams["pseudo_label_mirroring"], align_to=align_to)
         if self.is_ddp:
             gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, offsets)
-            offsets = {k: v for part in gathered for k, v in part.items()}
-        return offsets
+            dist.all_gather_object(gathered, aligned)
+            aligned = {k: v for part in gathered for k, v in part.items()}
+        return aligned
 
     def selection_round(self) -> dict[str, Any]:
         """Step 2: rank the remaining unlabeled cases by proximity to the training set (eq. 6-7), pseudo-label the
@@ -433,9 +430,12 @@ class POPCORNTrainer(SemiSupervisedTrainer):
     def pseudo_label_shares(self, cases: list[str]) -> dict[int, float]:
         """Each foreground label's share of the annotated voxels of these cases' pseudo-labels (label values; for
         region-based datasets the values regions are mapped back to)."""
+        return label_shares((self.store.load(c)[0] for c in cases), self._foreground_labels(),
+                            self.label_manager.ignore_label)
+
+    def _foreground_labels(self) -> list[int]:
         lm = self.label_manager
-        labels = [v for v in lm.all_labels if v != 0 and v != lm.ignore_label]
-        return label_shares((self.store.load(c)[0] for c in cases), labels, lm.ignore_label)
+        return [v for v in lm.all_labels if v != 0 and v != lm.ignore_label]
 
     def labeled_shares(self, labels: list[int]) -> dict[int, float]:
         """Each of ``labels``' share of the annotated voxels of the labeled training cases (computed once)."""
