@@ -72,3 +72,17 @@ def test_consistency_regions_uses_sigmoid():
 
 def test_objective_eq5():
     assert semi_supervised_objective(torch.tensor(1.5), torch.tensor(0.2), 30.0).item() == pytest.approx(7.5)
+
+
+def test_multiscale_consistency_aligns_before_sharpening():
+    # teacher (0.2, 0.6, 0.2) aligned with ratio (1, 3) -> (0.2, 0.4, 0.4) (ReMixMatch: align, then sharpen), T = 0.5:
+    # (0.04, 0.16, 0.16) / 0.36; student (1/3, 1/3, 1/3): mse over the three channels
+    t = torch.tensor([0.2, 0.6, 0.2]).log().view(1, 3, 1)
+    s = torch.zeros(1, 3, 1)
+    target = torch.tensor([0.04, 0.16, 0.16]) / 0.36
+    expected = ((target - 1 / 3) ** 2).mean().item()
+    got = multiscale_consistency_loss([t], [s], temperature=0.5, alignment=torch.tensor([1.0, 3.0]))
+    assert got.item() == pytest.approx(expected, abs=1e-6)
+    assert multiscale_consistency_loss([t], [s], 0.5).item() != pytest.approx(expected, abs=1e-3)
+    with pytest.raises(ValueError, match="softmax outputs"):
+        multiscale_consistency_loss([t], [s], 0.5, regions=True, alignment=torch.tensor([1.0, 3.0]))

@@ -16,6 +16,7 @@ from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMu
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.configuration import default_num_processes
 from nnunetv2.paths import nnUNet_raw
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from torch import distributed as dist
 
@@ -28,6 +29,7 @@ from nnunet_ssl.data.unlabeled import (
     unlabeled_preprocessed_folder,
 )
 from nnunet_ssl.training.hparams import HParam
+from nnunet_ssl.training.pseudo_labels import label_shares
 from nnunet_ssl.training.ramps import RAMPS, rampup
 from nnunet_ssl.training.supervised import CUDA, SCHEDULE_HPARAMS, SupervisedTrainer
 
@@ -68,6 +70,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
                              f"3d_lowres.")
         self.unlabeled_identifiers: list[str] = []
         self.dataloader_unlabeled = None
+        self._labeled_shares: dict[int, float] | None = None
 
     @classmethod
     def placebo_hparams(cls) -> dict[str, float] | None:
@@ -115,6 +118,23 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         self.print_to_log_file(f"{len(ready[0])} unlabeled case(s) ({len(self.declared_unlabeled)} declared from "
                                f"imagesTr), {len(tr_keys)} labeled training case(s).")
         return ready[0]
+
+    def labeled_images(self):
+        """The labeled training cases of this fold, preprocessed (nnU-Net's dataset class)."""
+        dataset_class = self.dataset_class or infer_dataset_class(self.preprocessed_dataset_folder)
+        return dataset_class(self.preprocessed_dataset_folder, self.do_split()[0])
+
+    def foreground_labels(self) -> list[int]:
+        lm = self.label_manager
+        return [v for v in lm.all_labels if v != 0 and v != lm.ignore_label]
+
+    def labeled_shares(self) -> dict[int, float]:
+        """Each foreground label's share of the annotated voxels of the labeled training cases (computed once)."""
+        if self._labeled_shares is None:
+            labeled = self.labeled_images()
+            self._labeled_shares = label_shares((labeled.load_case(c)[1] for c in self.do_split()[0]),
+                                                self.foreground_labels(), self.label_manager.ignore_label)
+        return self._labeled_shares
 
     def unlabeled_dataset(self) -> UnlabeledDataset:
         """The cases the unlabeled loader draws from (self-training methods return them with pseudo-labels)."""

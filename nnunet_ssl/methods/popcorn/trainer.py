@@ -28,7 +28,6 @@ from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAu
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from batchgenerators.utilities.file_and_folder_operations import join, maybe_mkdir_p
-from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
@@ -129,7 +128,6 @@ class POPCORNTrainer(SemiSupervisedTrainer):
         self.schedule: Schedule | None = None
         self.rounds: list[dict[str, Any]] = []
         self._restored: dict[str, Any] | None = None
-        self._labeled_shares: dict[int, float] | None = None
 
     @staticmethod
     def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -312,10 +310,6 @@ class POPCORNTrainer(SemiSupervisedTrainer):
     def unlabeled_images(self) -> UnlabeledDataset:
         return UnlabeledDataset(str(self.unlabeled_folder()), self.unlabeled_identifiers)
 
-    def labeled_images(self):
-        dataset_class = self.dataset_class or infer_dataset_class(self.preprocessed_dataset_folder)
-        return dataset_class(self.preprocessed_dataset_folder, self.do_split()[0])
-
     @torch.no_grad()
     def latent_representations(self, labeled: list[str], unlabeled: list[str]) -> dict[str, np.ndarray]:
         """h of each whole preprocessed image: the bottleneck feature maps of nnU-Net's sliding-window tiles
@@ -351,7 +345,7 @@ class POPCORNTrainer(SemiSupervisedTrainer):
     def predict_pseudo_labels(self, cases: list[str]) -> dict[str, dict]:
         """Predict and store the cases' pseudo-labels; with ``pseudo_label_alignment``, returns each case's logit
         offsets and label counts before them (``predict_pseudo_labels``; every rank's cases under DDP)."""
-        align_to = self.labeled_shares(self._foreground_labels()) if self.hparams["pseudo_label_alignment"] else None
+        align_to = self.labeled_shares() if self.hparams["pseudo_label_alignment"] else None
         aligned = predict_pseudo_labels(self, self.unlabeled_images(), cases, self.store,
                                         use_mirroring=self.hparams["pseudo_label_mirroring"], align_to=align_to)
         if self.is_ddp:
@@ -430,20 +424,8 @@ class POPCORNTrainer(SemiSupervisedTrainer):
     def pseudo_label_shares(self, cases: list[str]) -> dict[int, float]:
         """Each foreground label's share of the annotated voxels of these cases' pseudo-labels (label values; for
         region-based datasets the values regions are mapped back to)."""
-        return label_shares((self.store.load(c)[0] for c in cases), self._foreground_labels(),
+        return label_shares((self.store.load(c)[0] for c in cases), self.foreground_labels(),
                             self.label_manager.ignore_label)
-
-    def _foreground_labels(self) -> list[int]:
-        lm = self.label_manager
-        return [v for v in lm.all_labels if v != 0 and v != lm.ignore_label]
-
-    def labeled_shares(self, labels: list[int]) -> dict[int, float]:
-        """Each of ``labels``' share of the annotated voxels of the labeled training cases (computed once)."""
-        if self._labeled_shares is None:
-            labeled = self.labeled_images()
-            self._labeled_shares = label_shares((labeled.load_case(c)[1] for c in self.do_split()[0]), labels,
-                                                self.label_manager.ignore_label)
-        return self._labeled_shares
 
     def check_label_shares(self, number: int, shares: dict[int, float], cases: list[str]) -> None:
         """Warn when a class is much rarer in this round's pseudo-labels (with ``pseudo_label_alignment``, in the
@@ -452,7 +434,7 @@ class POPCORNTrainer(SemiSupervisedTrainer):
         every round from round 1 on), or one the model misses on images unlike the labeled ones (later rounds,
         which take the least similar cases), is missing from them, and POPCORN then trains on its absence (README,
         POPCORNTrainer). Rounds recorded without shares (checkpoints from before this check) count as not short."""
-        reference = self.labeled_shares(list(shares))
+        reference = self.labeled_shares()
         rare = underrepresented_labels(reference, shares)
         if not rare:
             return
