@@ -70,3 +70,19 @@ def test_supervised_loss_on_each_decoder_and_objective():
     assert supervised_loss(loss_fn, out_d, out_e, 2.0).item() == (6.0 + 30.0) * 2
     assert calls == [out_d, out_e]
     assert mismatch_objective(torch.tensor(1.5), torch.tensor(0.25), 0.5).item() == pytest.approx(1.625)
+
+
+def test_consistency_with_aligned_targets_by_hand():
+    # one voxel per decoder: p_d1 = (0.2, 0.6, 0.2), p_d2 = (0.4, 0.3, 0.3); ratio (1, 3) keeps each background and
+    # splits the foreground mass 3:1 towards label 2 relative to p: a(p_d2) = (0.4, 0.15, 0.45),
+    # a(p_d1) = (0.2, 0.4, 0.4); L_c = 1/2 [MSE(p_d1, a(p_d2)) + MSE(p_d2, a(p_d1))]
+    p1, p2 = np.array([0.2, 0.6, 0.2]), np.array([0.4, 0.3, 0.3])
+    a = torch.tensor(np.log(p1), requires_grad=True).view(1, 3, 1)
+    b = torch.tensor(np.log(p2), requires_grad=True).view(1, 3, 1)
+    a2, a1 = np.array([0.4, 0.15, 0.45]), np.array([0.2, 0.4, 0.4])
+    expected = 0.5 * (((p1 - a2) ** 2).mean() + ((p2 - a1) ** 2).mean())
+    loss = consistency_loss(a, b, alignment=torch.tensor([1.0, 3.0]))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert loss.item() != pytest.approx(consistency_loss(a, b).item(), rel=1e-3)
+    with pytest.raises(ValueError, match="softmax outputs"):
+        consistency_loss(a, b, regions=True, alignment=torch.tensor([1.0, 3.0]))

@@ -9,7 +9,7 @@ precision), then ``after_optimizer_step`` (e.g. an EMA teacher update). A method
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
@@ -28,7 +28,8 @@ from nnunet_ssl.data.unlabeled import (
     preprocess_unlabeled,
     unlabeled_preprocessed_folder,
 )
-from nnunet_ssl.training.hparams import HParam
+from nnunet_ssl.training.distribution import ForegroundShares
+from nnunet_ssl.training.hparams import HParam, HParamError
 from nnunet_ssl.training.pseudo_labels import label_shares
 from nnunet_ssl.training.ramps import RAMPS, rampup
 from nnunet_ssl.training.supervised import CUDA, SCHEDULE_HPARAMS, SupervisedTrainer
@@ -48,6 +49,12 @@ SSL_HPARAMS: dict[str, HParam] = {  # ... and draws unlabeled batches with a ram
     "rampup_fraction": HParam(0.25, float, "Fraction of all training iterations over which the weight ramps up "
                                            "from 0.", low=0.0, high=1.0),
 }
+# for methods whose consistency targets on unlabeled patches are the model's own soft predictions
+TARGET_ALIGNMENT_HPARAM = HParam(
+    False, bool, "Not in the papers: align the consistency targets on unlabeled patches to the labeled cases' label "
+                 "shares: each voxel keeps its foreground probability, split among the foreground labels in "
+                 "proportion to p_c times the labeled cases' share of label c over the model's running share (last "
+                 "128 batches) (ReMixMatch's distribution alignment); not for region-based labels.")
 
 
 class SemiSupervisedTrainer(SupervisedTrainer):
@@ -71,6 +78,10 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         self.unlabeled_identifiers: list[str] = []
         self.dataloader_unlabeled = None
         self._labeled_shares: dict[int, float] | None = None
+        self._shares: ForegroundShares | None = None
+        if self.hparams.get("target_alignment") and self.label_manager.has_regions:
+            raise HParamError("target_alignment = true needs mutually exclusive labels, but this dataset's labels are "
+                              "regions (they overlap); set it to false in nnUNet_ssl_hparams.")
 
     @classmethod
     def placebo_hparams(cls) -> dict[str, float] | None:
@@ -135,6 +146,41 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             self._labeled_shares = label_shares((labeled.load_case(c)[1] for c in self.do_split()[0]),
                                                 self.foreground_labels(), self.label_manager.ignore_label)
         return self._labeled_shares
+
+    # ---------------------------------------------------------------- target alignment
+    def foreground_shares(self) -> ForegroundShares:
+        """``target_alignment``'s running shares, against the labeled cases' shares (label c is channel c)."""
+        if self._shares is None:
+            labeled = self.labeled_shares()
+            self._shares = ForegroundShares([labeled[v] for v in self.foreground_labels()])
+        return self._shares
+
+    def update_alignment(self, unlabeled_probs: torch.Tensor) -> torch.Tensor:
+        """``target_alignment``: the running shares updated with this batch's softmax probabilities on the
+        unlabeled patches (what the targets come from), and their ratio to the labeled cases' shares, for
+        ``distribution.align_foreground``."""
+        shares = self.foreground_shares()
+        shares.update(unlabeled_probs.detach())
+        return shares.ratio().to(unlabeled_probs.device)
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end(train_outputs)
+        if self._shares is not None:  # what target_alignment did this epoch, for the log
+            running, ratio = self._shares.shares(), self._shares.ratio()
+            self.print_to_log_file("target_alignment: " + ", ".join(
+                f"label {v} model share {running[i]:.3f}, labeled {self._shares.goal[i]:.3f}, ratio {ratio[i]:.2f}"
+                for i, v in enumerate(self.foreground_labels())))
+
+    def extra_checkpoint_state(self) -> dict[str, Any]:
+        state = super().extra_checkpoint_state()
+        if self._shares is not None:
+            state["foreground_shares"] = self._shares.state_dict()
+        return state
+
+    def load_extra_checkpoint_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_checkpoint_state(state)
+        if self.hparams.get("target_alignment") and "foreground_shares" in state:
+            self.foreground_shares().load_state_dict(state["foreground_shares"])
 
     def unlabeled_dataset(self) -> UnlabeledDataset:
         """The cases the unlabeled loader draws from (self-training methods return them with pseudo-labels)."""

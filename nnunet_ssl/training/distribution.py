@@ -1,6 +1,7 @@
 """Distribution alignment of soft consistency targets (Berthelot et al., ReMixMatch, ICLR 2020, section 3.2).
 
-A method whose targets on unlabeled images are the model's own predictions (MuST's sharpened teacher) inherits the
+A method whose targets on unlabeled images are the model's own predictions (MuST's sharpened teacher, each of
+MisMatch's decoders for the other; ``target_alignment`` in their hyper-parameters, not in the papers) inherits the
 model's bias on images unlike the labeled ones: a class it under-predicts there stays under-predicted in the targets,
 and the consistency term trains on its absence. ReMixMatch multiplies each target distribution by the ratio of the
 labeled class marginal p(y) to a running average of the model's predictions on unlabeled data, then renormalises.

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from nnunet_ssl.training.distribution import align_foreground
+
 
 def probabilities(logits: torch.Tensor, regions: bool) -> torch.Tensor:
     """nnU-Net's output nonlinearity in fp32: softmax over classes, or sigmoid per region."""
@@ -28,13 +30,22 @@ def mse_to_detached(prediction: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return F.mse_loss(prediction, target.detach())
 
 
-def consistency_loss(logits_dilation: torch.Tensor, logits_erosion: torch.Tensor, regions: bool = False) -> torch.Tensor:
+def consistency_loss(logits_dilation: torch.Tensor, logits_erosion: torch.Tensor, regions: bool = False,
+                     alignment: torch.Tensor | None = None) -> torch.Tensor:
     """L_c (section 2.3), symmetrised with stop-gradient as in SimSiam:
     1/2 [MSE(p_d1, sg(p_d2)) + MSE(p_d2, sg(p_d1))], p the probabilities of each decoder's (full-resolution) output.
-    Its value equals MSE(p_d1, p_d2); each decoder receives the gradient of one term only."""
+    Its value equals MSE(p_d1, p_d2); each decoder receives the gradient of one term only.
+
+    ``alignment`` (not in the paper; softmax only): per-foreground-channel ratios applied to both targets
+    (``distribution.align_foreground``): 1/2 [MSE(p_d1, sg(a(p_d2))) + MSE(p_d2, sg(a(p_d1)))]."""
     p1 = probabilities(logits_dilation, regions)
     p2 = probabilities(logits_erosion, regions)
-    return 0.5 * (mse_to_detached(p1, p2) + mse_to_detached(p2, p1))
+    target1, target2 = p2, p1
+    if alignment is not None:
+        if regions:
+            raise ValueError("distribution alignment needs softmax outputs; region-based outputs overlap")
+        target1, target2 = align_foreground(p2.detach(), alignment), align_foreground(p1.detach(), alignment)
+    return 0.5 * (mse_to_detached(p1, target1) + mse_to_detached(p2, target2))
 
 
 def supervised_loss(loss_fn: Callable, outputs_dilation: Sequence[torch.Tensor] | torch.Tensor,

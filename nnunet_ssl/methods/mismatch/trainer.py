@@ -4,7 +4,8 @@ Per iteration, labeled and unlabeled patches go through the shared encoder and b
 Dice + CE with deep supervision on each decoder's outputs for the labeled part, and the stop-gradient MSE between
 the two decoders' probabilities on the unlabeled part, weighted by alpha ramped up from 0 (section 2.3). At
 inference the network returns the mean of the two decoders' probabilities (appendix A) as logits, so
-``nnUNetv2_predict`` works unchanged.
+``nnUNetv2_predict`` works unchanged. ``target_alignment`` (not in the paper, off by default) aligns each decoder's
+target to the labeled cases' label shares (ReMixMatch's distribution alignment, ``training/distribution.py``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from nnunet_ssl.methods.mismatch.losses import consistency_loss, mismatch_objective, supervised_loss
+from nnunet_ssl.methods.mismatch.losses import consistency_loss, mismatch_objective, probabilities, supervised_loss
 from nnunet_ssl.methods.mismatch.network import MisMatchNetwork
-from nnunet_ssl.training.base import SSL_HPARAMS, SemiSupervisedTrainer
+from nnunet_ssl.training.base import SSL_HPARAMS, TARGET_ALIGNMENT_HPARAM, SemiSupervisedTrainer
 from nnunet_ssl.training.hparams import HParam
 
 MISMATCH_HPARAMS: dict[str, HParam] = {
@@ -29,6 +30,7 @@ MISMATCH_HPARAMS: dict[str, HParam] = {
                                               "decoders (section 2.3; the paper's 0.002 is for a pure Dice loss).",
                                  low=0.0),
     "rampup": HParam("sigmoid", str, "Annealing (ramp-up from 0) of alpha.", choices=("linear", "sigmoid")),
+    "target_alignment": TARGET_ALIGNMENT_HPARAM,  # on each decoder's detached target
 }
 
 
@@ -60,7 +62,11 @@ class MisMatchTrainer(SemiSupervisedTrainer):
             labeled_d, labeled_e = labeled_d[0], labeled_e[0]
         supervised = supervised_loss(self.loss, labeled_d, labeled_e, target)
         # the consistency acts on the decoders' final (full-resolution) outputs, the ones MisMatch predicts with
-        consistency = consistency_loss(out_d[0][n_l:], out_e[0][n_l:], self.label_manager.has_regions)
+        ratio = None
+        if self.hparams["target_alignment"]:  # from the prediction MisMatch makes: the decoders' mean probabilities
+            ratio = self.update_alignment(0.5 * (probabilities(out_d[0][n_l:].detach(), False)
+                                                 + probabilities(out_e[0][n_l:].detach(), False)))
+        consistency = consistency_loss(out_d[0][n_l:], out_e[0][n_l:], self.label_manager.has_regions, ratio)
         weight = self.unsupervised_weight()
         return {
             "loss": mismatch_objective(supervised, consistency, weight),

@@ -11,7 +11,7 @@ shares before sharpening (ReMixMatch's distribution alignment, ``training/distri
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -21,9 +21,8 @@ from torch import nn
 from nnunet_ssl.methods.must.losses import multiscale_consistency_loss, probabilities, semi_supervised_objective
 from nnunet_ssl.methods.must.network import MuSTNetwork
 from nnunet_ssl.methods.must.perturbation import PerturbationConfig
-from nnunet_ssl.training.base import SSL_HPARAMS, SemiSupervisedTrainer
-from nnunet_ssl.training.distribution import ForegroundShares
-from nnunet_ssl.training.hparams import HParam, HParamError
+from nnunet_ssl.training.base import SSL_HPARAMS, TARGET_ALIGNMENT_HPARAM, SemiSupervisedTrainer
+from nnunet_ssl.training.hparams import HParam
 from nnunet_ssl.training.supervised import CUDA
 
 MUST_HPARAMS: dict[str, HParam] = {
@@ -46,11 +45,7 @@ MUST_HPARAMS: dict[str, HParam] = {
                                 low=0.0, high=1.0),
     "spatial_dropout_p": HParam(0.3, float, "SPM spatial dropout: probability of dropping a channel.",
                                 low=0.0, high=0.95),
-    "target_alignment": HParam(False, bool, "Not in the paper: before sharpening, scale the teacher's foreground "
-                                            "probabilities on unlabeled patches by the labeled cases' share of each "
-                                            "foreground label over the teacher's running share (last 128 batches), "
-                                            "keeping each voxel's foreground probability (ReMixMatch's "
-                                            "distribution alignment); not for region-based labels."),
+    "target_alignment": TARGET_ALIGNMENT_HPARAM,  # on the teacher's probabilities, before eq. 2's sharpening
 }
 
 
@@ -65,10 +60,6 @@ class MuSTTrainer(SemiSupervisedTrainer):
         if h["feature_drop_low"] > h["feature_drop_high"]:
             raise ValueError(f"feature_drop_low ({h['feature_drop_low']}) must not exceed feature_drop_high "
                              f"({h['feature_drop_high']}); fix nnUNet_ssl_hparams.")
-        if h["target_alignment"] and self.label_manager.has_regions:
-            raise HParamError("target_alignment = true needs mutually exclusive labels, but this dataset's labels are "
-                              "regions (they overlap); set it to false in nnUNet_ssl_hparams.")
-        self._shares: ForegroundShares | None = None
 
     @staticmethod
     def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -84,30 +75,17 @@ class MuSTTrainer(SemiSupervisedTrainer):
             h["uniform_noise_range"], h["gaussian_noise_std"], h["feature_drop_low"], h["feature_drop_high"],
             h["spatial_dropout_p"])
 
-    def foreground_shares(self) -> ForegroundShares:
-        """``target_alignment``'s running shares, against the labeled cases' shares (label c is channel c)."""
-        if self._shares is None:
-            labeled = self.labeled_shares()
-            self._shares = ForegroundShares([labeled[v] for v in self.foreground_labels()])
-        return self._shares
-
-    def alignment_ratio(self, unlabeled_logits: torch.Tensor) -> torch.Tensor | None:
-        """With ``target_alignment``: the running shares updated with this batch's teacher probabilities
-        (full resolution), and their ratio to the labeled cases' shares; None otherwise."""
-        if not self.hparams["target_alignment"]:
-            return None
-        shares = self.foreground_shares()
-        shares.update(probabilities(unlabeled_logits.detach().float(), regions=False))
-        return shares.ratio().to(unlabeled_logits.device)
-
     def compute_losses(self, data, target, data_unlabeled):
         n_l, n_u = data.shape[0], data_unlabeled.shape[0]
         teacher, student = self.network(torch.cat((data, data_unlabeled)), num_perturbed=n_u)
         labeled_out = [t[:n_l] for t in teacher]
         supervised = self.loss(labeled_out if self.enable_deep_supervision else labeled_out[0], target)
+        ratio = None
+        if self.hparams["target_alignment"]:  # from the teacher's full-resolution probabilities
+            ratio = self.update_alignment(probabilities(teacher[0][n_l:].detach().float(), regions=False))
         consistency = multiscale_consistency_loss([t[n_l:] for t in teacher], student, self.hparams["temperature"],
                                                   self.label_manager.has_regions, self.hparams["scale_reduction"],
-                                                  self.alignment_ratio(teacher[0][n_l:]))
+                                                  ratio)
         weight = self.unsupervised_weight()
         return {
             "loss": semi_supervised_objective(supervised, consistency, weight),
@@ -116,22 +94,3 @@ class MuSTTrainer(SemiSupervisedTrainer):
             "consistency_weight": torch.tensor(weight),
         }
 
-    def on_train_epoch_end(self, train_outputs: list[dict]):
-        super().on_train_epoch_end(train_outputs)
-        if self._shares is not None:  # what target_alignment did this epoch, for the log
-            labels = self.foreground_labels()
-            running, ratio = self._shares.shares(), self._shares.ratio()
-            self.print_to_log_file("target_alignment: " + ", ".join(
-                f"label {v} teacher share {running[i]:.3f}, labeled {self._shares.goal[i]:.3f}, ratio {ratio[i]:.2f}"
-                for i, v in enumerate(labels)))
-
-    def extra_checkpoint_state(self) -> dict[str, Any]:
-        state = super().extra_checkpoint_state()
-        if self._shares is not None:
-            state["foreground_shares"] = self._shares.state_dict()
-        return state
-
-    def load_extra_checkpoint_state(self, state: dict[str, Any]) -> None:
-        super().load_extra_checkpoint_state(state)
-        if self.hparams["target_alignment"] and "foreground_shares" in state:
-            self.foreground_shares().load_state_dict(state["foreground_shares"])

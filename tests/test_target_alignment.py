@@ -1,4 +1,5 @@
-"""MuSTTrainer's ``target_alignment`` (not in the paper) in a training of a few iterations on the demo dataset."""
+"""``target_alignment`` (not in the papers; MuSTTrainer and MisMatchTrainer) in a training of a few iterations on the
+demo dataset."""
 
 import numpy as np
 import pytest
@@ -8,11 +9,12 @@ from conftest import first_losses, make_trainer
 from nnunet_ssl.training.hparams import HParamError
 
 
-def test_target_alignment_trains_resumes_and_changes_only_the_consistency(demo, monkeypatch, tmp_path):
-    aligned = make_trainer(demo, "MuSTTrainer", monkeypatch, tmp_path / "aligned",
+@pytest.mark.parametrize("name", ["MuSTTrainer", "MisMatchTrainer"])
+def test_target_alignment_trains_resumes_and_changes_only_the_consistency(name, demo, monkeypatch, tmp_path):
+    aligned = make_trainer(demo, name, monkeypatch, tmp_path / "aligned",
                            {"seed": 3, "target_alignment": True, "rampup_fraction": 0.0})
     on = first_losses(aligned, 2)
-    plain = make_trainer(demo, "MuSTTrainer", monkeypatch, tmp_path / "plain", {"seed": 3, "rampup_fraction": 0.0})
+    plain = make_trainer(demo, name, monkeypatch, tmp_path / "plain", {"seed": 3, "rampup_fraction": 0.0})
     off = first_losses(plain, 2)
     # the same batches and perturbations: the first supervised loss is the same, the consistency targets are not
     assert float(on[0]["loss_supervised"]) == pytest.approx(float(off[0]["loss_supervised"]), rel=1e-6)
@@ -31,14 +33,15 @@ def test_target_alignment_trains_resumes_and_changes_only_the_consistency(demo, 
     # the running shares travel with the checkpoint, so --c resumes the same alignment
     checkpoint = tmp_path / "checkpoint.pth"
     aligned.save_checkpoint(str(checkpoint))
-    resumed = make_trainer(demo, "MuSTTrainer", monkeypatch, tmp_path / "resumed",
+    resumed = make_trainer(demo, name, monkeypatch, tmp_path / "resumed",
                            {"seed": 3, "target_alignment": True, "rampup_fraction": 0.0})
     resumed.load_checkpoint(str(checkpoint))
     assert len(resumed.foreground_shares().masses) == 2
     assert torch.equal(resumed.foreground_shares().shares(), shares.shares())
 
 
-def test_target_alignment_refused_for_regions(demo_regions_ignore, monkeypatch, tmp_path):
+@pytest.mark.parametrize("name", ["MuSTTrainer", "MisMatchTrainer"])
+def test_target_alignment_refused_for_regions(name, demo_regions_ignore, monkeypatch, tmp_path):
     with pytest.raises(HParamError, match="target_alignment = true needs mutually exclusive labels"):
-        make_trainer(demo_regions_ignore, "MuSTTrainer", monkeypatch, tmp_path, {"target_alignment": True},
+        make_trainer(demo_regions_ignore, name, monkeypatch, tmp_path, {"target_alignment": True},
                      configuration="3d_fullres")
