@@ -93,4 +93,3 @@ class MuSTTrainer(SemiSupervisedTrainer):
             "loss_consistency": consistency,
             "consistency_weight": torch.tensor(weight),
         }
-
