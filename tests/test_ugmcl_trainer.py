@@ -14,7 +14,11 @@ from nnunetv2.training.nnUNetTrainer.variants.data_augmentation.nnUNetTrainerDA5
 
 from nnunet_ssl.data.labeled_fraction import make_labeled_fraction
 from nnunet_ssl.data.unlabeled import labeled_case_ids
-from nnunet_ssl.methods.ugmcl.losses import mean_teacher_consistency, pseudo_label_consistency
+from nnunet_ssl.methods.ugmcl.losses import (
+    inverse_sdf_transform,
+    mean_teacher_consistency,
+    pseudo_label_consistency,
+)
 from nnunet_ssl.methods.ugmcl.trainer import (
     DTC_HPARAMS,
     MEAN_TEACHER_HPARAMS,
@@ -25,6 +29,7 @@ from nnunet_ssl.methods.ugmcl.trainer import (
     UAMTTrainer,
     UGMCLTrainer,
     _leaves,
+    cross_view_pairs,
     da5_intensity_transforms,
     dropout_advice,
     mc_passes_advice,
@@ -310,3 +315,54 @@ def test_consistency_loss_is_refused_by_ugmcl_and_checked_elsewhere():
         resolve_hparams(MEAN_TEACHER_HPARAMS, "MeanTeacherTrainer", {"consistency_loss": "ce"})
     with pytest.raises(HParamError, match=r"'confidence_threshold' = 1.5 is invalid: expected a number in \[0.0, 1.0\]"):
         resolve_hparams(MEAN_TEACHER_HPARAMS, "MeanTeacherTrainer", {"confidence_threshold": 1.5})
+
+
+@pytest.mark.parametrize("images, copied, first_copy, seg, sdf", [
+    (range(5), [], 5, [0, 1, 2, 3, 4], [0, 1, 2, 3, 4]),  # the paper's same-view pairs
+    (range(5), [3], 5, [0, 1, 2, 4, 3, 5], [0, 1, 2, 4, 5, 3]),  # image 3 and its copy 5, crossed both ways
+    (range(2, 5), [2, 4], 5, [3, 2, 5, 4, 6], [3, 5, 2, 6, 4]),  # cross_task_on 'unlabeled', two copies
+])
+def test_cross_view_pairs_by_hand(images, copied, first_copy, seg, sdf):
+    seg_index, sdf_index = cross_view_pairs(images, copied, first_copy)
+    assert seg_index.tolist() == seg and sdf_index.tolist() == sdf
+
+
+@pytest.mark.parametrize("cross_task_on", ["all", "unlabeled"])
+def test_dtc_cross_view_gamma_pairs_the_tasks_across_a_contrast_change(cross_task_on, demo, monkeypatch, tmp_path):
+    hp = {"dropout_p": 0.0, "cross_view_gamma": 1.0, "cross_task_on": cross_task_on}
+    trainer = _trainer(DTCTrainer, demo, monkeypatch, tmp_path, hp)
+    batch = synthetic_batch(trainer, np.random.default_rng(0))
+    data, unlabeled = batch["data"], torch.randn_like(batch["data"]) * 2 + 1
+    n_l, n = len(data), len(data) + len(unlabeled)
+    seen = []
+    forward = trainer.network.forward
+    trainer.network.forward = lambda x, **kw: (seen.append(x), forward(x, **kw))[1]
+    out = trainer.compute_losses(data, batch["target"], unlabeled)
+
+    x = seen[0]
+    assert x.shape[0] == n + len(unlabeled)  # the batch, then one gamma view per unlabeled patch
+    assert torch.equal(x[:n_l], data) and torch.equal(x[n_l:n], unlabeled)
+    for before, after in zip(unlabeled, x[n:]):
+        assert not torch.allclose(before, after)  # a gamma curve keeping the patch's mean, std and voxel order
+        torch.testing.assert_close(after.mean(), before.mean())
+        torch.testing.assert_close(after.std(), before.std())
+        assert after.flatten()[before.flatten().argsort()].diff().min() > -1e-5  # monotone (up to rounding)
+    # eq. 6 by hand on the same forward: same-view pairs for the labeled patches (cross_task_on 'all'), each
+    # unlabeled patch's segmentation against its view's level set and the reverse
+    with torch.no_grad():
+        logits, sdf = forward(x, return_sdf=True)
+        p = torch.softmax(trainer.full_resolution(logits).float(), 1)
+        level = inverse_sdf_transform(sdf, trainer.hparams["sdf_k"])
+    pairs = [(i, i) for i in range(n_l)] if cross_task_on == "all" else []
+    pairs += [pair for t in range(len(unlabeled)) for pair in ((n_l + t, n + t), (n + t, n_l + t))]
+    expected = torch.stack([(p[a] - level[b]).square().mean() for a, b in pairs]).mean()
+    torch.testing.assert_close(out["loss_cross_task"], expected, rtol=1e-4, atol=1e-6)
+    _check_a_whole_step(trainer)
+
+    off = _trainer(DTCTrainer, demo, monkeypatch, tmp_path / "off", {**hp, "cross_view_gamma": 0.0})
+    seen.clear()
+    forward = off.network.forward
+    off.network.forward = lambda x, **kw: (seen.append(x), forward(x, **kw))[1]
+    off.compute_losses(data, batch["target"], unlabeled)
+    assert torch.equal(seen[0], torch.cat((data, unlabeled)))  # the paper's batch, no view added
+    assert resolve_hparams(DTC_HPARAMS, "DTCTrainer", {})["cross_view_gamma"] == 0.0

@@ -4,7 +4,8 @@
   ``consistency_loss`` 'pseudo_label' (not in the papers) swaps in FixMatch's confident cross-entropy.
 - ``UAMTTrainer``: the same consistency, masked by the teacher's Monte-Carlo uncertainty (Yu et al. 2019).
 - ``DTCTrainer``: dual-task network (segmentation + signed distance regression), cross-task consistency, no
-  teacher (Luo et al. 2021; row 4 of the UG-MCL ablation).
+  teacher (Luo et al. 2021; row 4 of the UG-MCL ablation); ``cross_view_gamma`` (not in the paper) pairs the
+  tasks across a contrast change of the unlabeled patches.
 - ``UGMCLTrainer``: all of it: eq. 2 supervised loss, uncertainty-masked intra-task consistency of both
   branches (eq. 3-4), cross-task consistency (eq. 5-6), ramped weights (eq. 7).
 
@@ -114,6 +115,11 @@ SDF_HPARAMS: dict[str, HParam] = {
 DTC_HPARAMS: dict[str, HParam] = {
     **{k: v for k, v in COMMON_HPARAMS.items() if k != "consistency_weight"},
     **SDF_HPARAMS,
+    "cross_view_gamma": HParam(0.0, float, "Not in the paper: probability that an unlabeled patch is also seen "
+                                           "through a random gamma curve (student_gamma's transform); eq. 6 then "
+                                           "pairs each view's segmentation with the other view's level set, so the "
+                                           "cross-task term asks for the same segmentation under a contrast change. "
+                                           "0: the paper's same-view pairs only.", low=0.0, high=1.0),
 }
 UGMCL_HPARAMS: dict[str, HParam] = {  # eq. 4's squared differences: no consistency_loss choice
     **{k: v for k, v in UAMT_HPARAMS.items() if k not in ("consistency_loss", "confidence_threshold")},
@@ -182,6 +188,18 @@ def mc_passes_advice(dropout_p: float, mc_passes: int) -> str | None:
 
 def _images(which: str, num_labeled: int) -> slice:
     return slice(num_labeled, None) if which == "unlabeled" else slice(None)
+
+
+def cross_view_pairs(images: range, copied: list[int], first_copy: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segmentation index, level-set index) pairs of eq. 6 over a batch of ``images`` followed by gamma copies of
+    the images ``copied`` (copy t at ``first_copy + t``): a same-view pair per image that has no copy, and for each
+    copied image both cross-view pairs (its segmentation with its copy's level set, and the reverse)."""
+    seg = [i for i in images if i not in copied]
+    sdf = list(seg)
+    for t, i in enumerate(copied):
+        seg += [i, first_copy + t]
+        sdf += [first_copy + t, i]
+    return torch.tensor(seg), torch.tensor(sdf)
 
 
 class ConsistencyTrainerBase(SemiSupervisedTrainer):
@@ -392,11 +410,18 @@ class DTCTrainer(SignedDistanceMixin, ConsistencyTrainerBase):
 
     def compute_losses(self, data, target, data_unlabeled):
         n_l = data.shape[0]
-        output, sdf = self.network(torch.cat((data, data_unlabeled)), return_sdf=True)
+        x = torch.cat((data, data_unlabeled))
+        p = self.hparams["cross_view_gamma"]
+        copied = [] if p == 0 else [n_l + i for i in torch.nonzero(torch.rand(len(data_unlabeled)) < p).flatten()
+                                    .tolist()]  # no draw at 0: the paper's run, its random stream unchanged
+        if copied:  # the gamma views go through the network in the same call, after the batch
+            x = torch.cat((x, torch.stack([STUDENT_GAMMA(image=x[i].clone())["image"] for i in copied])))
+        output, sdf = self.network(x, return_sdf=True)
         seg_loss, sdf_loss = self.dual_task_supervised(output, sdf, target, n_l)
-        images = _images(self.hparams["cross_task_on"], n_l)
-        probs = probabilities(self.full_resolution(output)[images].float(), self.regions)
-        cross = cross_task_consistency(probs, sdf[images], self.hparams["sdf_k"])
+        images = range(len(data) + len(data_unlabeled))[_images(self.hparams["cross_task_on"], n_l)]
+        seg_index, sdf_index = cross_view_pairs(images, copied, len(data) + len(data_unlabeled))
+        probs = probabilities(self.full_resolution(output)[seg_index].float(), self.regions)
+        cross = cross_task_consistency(probs, sdf[sdf_index], self.hparams["sdf_k"])
         weight = self.cross_task_weight()
         total = total_objective(supervised_objective(seg_loss, sdf_loss, self.hparams["sdf_weight"]), None, cross,
                                 0.0, weight)
