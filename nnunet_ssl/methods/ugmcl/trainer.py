@@ -190,6 +190,11 @@ def _images(which: str, num_labeled: int) -> slice:
     return slice(num_labeled, None) if which == "unlabeled" else slice(None)
 
 
+def _drawn(n: int, p: float) -> list[int]:
+    """The indices among ``n`` patches that a draw with probability ``p`` each picks."""
+    return torch.nonzero(torch.rand(n) < p).flatten().tolist()
+
+
 def cross_view_pairs(images: range, copied: list[int], first_copy: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(segmentation index, level-set index) pairs of eq. 6 over a batch of ``images`` followed by gamma copies of
     the images ``copied`` (copy t at ``first_copy + t``): a same-view pair per image that has no copy, and for each
@@ -311,10 +316,10 @@ class MeanTeacherTrainer(TeacherMixin, ConsistencyTrainerBase):
             return x
         x = x.clone()  # the transforms work in place
         n_u = len(x) - num_labeled
-        for i in torch.nonzero(torch.rand(n_u) < p_gamma).flatten().tolist():
+        for i in _drawn(n_u, p_gamma):
             x[num_labeled + i] = STUDENT_GAMMA(image=x[num_labeled + i])["image"]
         if p_intensity > 0:
-            for i in torch.nonzero(torch.rand(n_u) < p_intensity).flatten().tolist():
+            for i in _drawn(n_u, p_intensity):
                 # on the CPU, where nnU-Net's augmentation runs (some transforms make their fields there)
                 patch = x[num_labeled + i].detach().cpu()
                 x[num_labeled + i] = self.student_intensity_transforms(image=patch)["image"].to(x.device)
@@ -411,15 +416,15 @@ class DTCTrainer(SignedDistanceMixin, ConsistencyTrainerBase):
     def compute_losses(self, data, target, data_unlabeled):
         n_l = data.shape[0]
         x = torch.cat((data, data_unlabeled))
-        p = self.hparams["cross_view_gamma"]
-        copied = [] if p == 0 else [n_l + i for i in torch.nonzero(torch.rand(len(data_unlabeled)) < p).flatten()
-                                    .tolist()]  # no draw at 0: the paper's run, its random stream unchanged
+        n, p = len(x), self.hparams["cross_view_gamma"]
+        copied = [] if p == 0 else [n_l + i for i in _drawn(n - n_l, p)]  # no draw at 0: the paper's random stream
         if copied:  # the gamma views go through the network in the same call, after the batch
             x = torch.cat((x, torch.stack([STUDENT_GAMMA(image=x[i].clone())["image"] for i in copied])))
         output, sdf = self.network(x, return_sdf=True)
         seg_loss, sdf_loss = self.dual_task_supervised(output, sdf, target, n_l)
-        images = range(len(data) + len(data_unlabeled))[_images(self.hparams["cross_task_on"], n_l)]
-        seg_index, sdf_index = cross_view_pairs(images, copied, len(data) + len(data_unlabeled))
+        seg_index = sdf_index = _images(self.hparams["cross_task_on"], n_l)  # the paper's pairs: slices, no copy
+        if copied:
+            seg_index, sdf_index = cross_view_pairs(range(n)[seg_index], copied, n)
         probs = probabilities(self.full_resolution(output)[seg_index].float(), self.regions)
         cross = cross_task_consistency(probs, sdf[sdf_index], self.hparams["sdf_k"])
         weight = self.cross_task_weight()
